@@ -1,0 +1,146 @@
+"""KMS signing throughput, measured next to the raw ML-DSA-65 rate in the same run.
+
+    .venv/bin/python bench/kms_bench.py [--seconds 5] [--clients 16] [--workers 2]
+
+Prints, for each suite, signs/s through the Python API (one call per signature, and batches of
+100 via ``sign_many``) and over REST (concurrent clients against ``qai serve kms``), each as a
+ratio to the raw ML-DSA-65 rate of ``cryptography`` on this machine in this run. Absolute figures
+on a shared 2-core machine are noise; the ratios are the result.
+
+Targets (issue 2): the ML-DSA-65+ECDSA-P256 suite at >= 0.7x the raw ML-DSA-65 rate through the
+Python API, and >= 300 signs/s over REST with concurrent clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric import mldsa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from orchestrator.auth import Principal, Role, create_tenant, issue_token
+from orchestrator.services import build_services
+from orchestrator.settings import Settings
+
+SUITES = ("ML-DSA-65+ECDSA-P256", "ML-DSA-44+Ed25519", "ML-DSA-87+ECDSA-P256",
+          "SLH-DSA-SHA2-128f+ECDSA-P256")
+MESSAGE = b'{"job_id":"00000000-0000-4000-8000-000000000001","tenant":"bench"}' * 4
+
+
+def rate(fn, seconds: float, per_call: int = 1) -> float:  # type: ignore[no-untyped-def]
+    fn()  # warm-up
+    n, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        fn()
+        n += per_call
+    return n / elapsed
+
+
+def raw_mldsa65(seconds: float) -> float:
+    key = mldsa.MLDSA65PrivateKey.generate()
+    return rate(lambda: key.sign(MESSAGE), seconds)
+
+
+async def rest_rate(url: str, token: str, key: str, seconds: float, clients: int, batch: int) -> float:
+    body = ({"message": base64.b64encode(MESSAGE).decode()} if batch == 1 else
+            {"items": [{"message": base64.b64encode(MESSAGE).decode()}] * batch})
+    path = f"/v1/keys/{key}/sign" if batch == 1 else f"/v1/keys/{key}/sign-batch"
+    done = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"},
+                                 limits=limits, timeout=60) as client:
+        (await client.post(path, json=body)).raise_for_status()
+        deadline = time.perf_counter() + seconds
+        start = time.perf_counter()
+
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < deadline:
+                r = await client.post(path, json=body)
+                r.raise_for_status()
+                done += batch
+
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        return done / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--port", type=int, default=8765)
+    args = ap.parse_args()
+
+    home = Path(tempfile.mkdtemp(prefix="qai-kms-bench-"))
+    env = {**os.environ, "QAI_HOME": str(home)}
+    settings = Settings(home=home)
+    svc = build_services(settings)
+    admin = Principal.system("bench")
+    create_tenant(svc.db, "bench")
+    for suite in SUITES:
+        svc.kms.create_key(f"bench.{suite.lower().replace('+', '.')}", tenant="bench", suite=suite,
+                           principal=admin)
+    token = issue_token(svc.db, role=Role.SIGNER, tenant="bench").token
+    signer = Principal(subject="bench", role=Role.SIGNER, tenant="bench")
+
+    raw = raw_mldsa65(args.seconds)
+    print(f"raw ML-DSA-65 (cryptography, 1 thread): {raw:8.1f} signs/s  [baseline 1.00x]")
+    results: dict[str, dict[str, float]] = {}
+    for suite in SUITES:
+        key = f"bench.{suite.lower().replace('+', '.')}"
+        single = rate(lambda k=key: svc.kms.sign(k, principal=signer, message=MESSAGE), args.seconds)
+        batched = rate(lambda k=key: svc.kms.sign_many(k, principal=signer, items=[MESSAGE] * 100),
+                       args.seconds, per_call=100)
+        results[suite] = {"python_single": single, "python_batch100": batched}
+        print(f"{suite:30} python API: {single:8.1f}/s ({single / raw:4.2f}x)   "
+              f"batch of 100: {batched:8.1f}/s ({batched / raw:4.2f}x)")
+    svc.close()
+
+    server = subprocess.Popen(
+        [sys.executable, "-m", "sdk.cli", "serve", "kms", "--port", str(args.port),
+         "--workers", str(args.workers)],
+        env=env, cwd=Path(__file__).resolve().parent.parent,
+    )
+    url = f"http://127.0.0.1:{args.port}"
+    try:
+        for _ in range(200):
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        for suite in SUITES:
+            key = f"bench.{suite.lower().replace('+', '.')}"
+            single = asyncio.run(rest_rate(url, token, key, args.seconds, args.clients, 1))
+            batch = asyncio.run(rest_rate(url, token, key, args.seconds, max(2, args.clients // 4), 50))
+            results[suite].update(rest_single=single, rest_batch50=batch)
+            print(f"{suite:30} REST ({args.clients} clients, {args.workers} workers): {single:8.1f}/s "
+                  f"({single / raw:4.2f}x)   sign-batch of 50: {batch:8.1f}/s ({batch / raw:4.2f}x)")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    main_suite = results["ML-DSA-65+ECDSA-P256"]
+    verdict = {
+        "python_api_ratio": round(main_suite["python_single"] / raw, 3),
+        "python_api_target_0.7x": main_suite["python_single"] / raw >= 0.7,
+        "rest_signs_per_s": round(main_suite["rest_single"], 1),
+        "rest_target_300": main_suite["rest_single"] >= 300,
+    }
+    print(json.dumps({"raw_mldsa65": round(raw, 1), "suites": results, "verdict": verdict}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The crypto-provider interface: key generation, signing and KEM by algorithm name.
+
+Providers are swappable (SPEC: "abstraction layer for future swaps"). Each works on raw bytes in
+the wire formats of :mod:`sdk.crypto`; each provider's private-key encoding is its own (a seed for
+``openssl``, the expanded key for ``pqclean``), so a sealed key records the provider that made it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from sdk.errors import QaiError
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    public_key: bytes
+    private_key: bytes = field(repr=False)
+
+
+class Provider(Protocol):
+    name: str
+
+    def available(self) -> bool: ...
+
+    def algorithms(self) -> frozenset[str]: ...
+
+    def generate(self, alg: str) -> KeyPair: ...
+
+    def sign(self, alg: str, private_key: bytes, message: bytes, *, prehash: str | None = None) -> bytes: ...
+
+    def verify(self, alg: str, public_key: bytes, message: bytes, signature: bytes, *,
+               prehash: str | None = None) -> bool: ...
+
+    def encapsulate(self, alg: str, public_key: bytes) -> tuple[bytes, bytes]: ...
+
+    def decapsulate(self, alg: str, private_key: bytes, ciphertext: bytes) -> bytes: ...
+
+
+def unsupported(provider: str, alg: str) -> QaiError:
+    return QaiError("crypto.unsupported_algorithm", f"provider {provider} does not implement {alg}",
+                    status=400, details={"provider": provider, "algorithm": alg})

@@ -1,0 +1,1 @@
+"""Alembic migrations for every qai table (SQLite and PostgreSQL)."""

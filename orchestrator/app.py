@@ -1,0 +1,79 @@
+"""The FastAPI application. ``qai serve`` mounts every component; ``qai serve kms`` mounts one.
+
+Every component's router is thin; logic lives in each package's service module. Probes:
+``/healthz`` (the process is alive) and ``/readyz`` (database, object store and HSM reachable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import JSONResponse
+
+from orchestrator.http import BodySizeLimit, ServicesDep, install_error_handlers
+from orchestrator.services import Services, get_services
+from sdk.errors import QaiError
+
+COMPONENTS = ("kms",)
+
+health = APIRouter(tags=["health"])
+
+
+@health.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@health.get("/readyz")
+def readyz(svc: ServicesDep) -> JSONResponse:
+    checks: dict[str, str] = {}
+    for name, probe in (("database", svc.db.ping), ("hsm", svc.hsm.ping)):
+        try:
+            probe()
+            checks[name] = "ok"
+        except QaiError as exc:
+            checks[name] = exc.code
+    ready = all(v == "ok" for v in checks.values())
+    return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
+                        status_code=200 if ready else 503)
+
+
+def _routers(component: str) -> list[APIRouter]:
+    if component == "kms":
+        from kms.api import router as kms_router
+
+        return [kms_router]
+    raise QaiError("serve.unknown_component", f"unknown component {component!r}",
+                   details={"components": list(COMPONENTS)})
+
+
+def create_app(services: Services | None = None, components: Sequence[str] = COMPONENTS) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if getattr(app.state, "services", None) is None:
+            app.state.services = get_services()
+        yield
+
+    app = FastAPI(
+        title="qai",
+        version="0.1.0",
+        summary="Control plane for quantum workloads with provable provenance",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    install_error_handlers(app)
+    app.include_router(health)
+    for component in components:
+        for router in _routers(component):
+            app.include_router(router)
+    limit = services.settings.max_request_bytes if services else get_services_limit()
+    app.add_middleware(BodySizeLimit, limit=limit)
+    return app
+
+
+def get_services_limit() -> int:
+    from orchestrator.settings import get_settings
+
+    return get_settings().max_request_bytes

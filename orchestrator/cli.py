@@ -1,0 +1,148 @@
+"""Server-side CLI commands: serve, db, tenants, tokens, demo; plus each service's own commands."""
+
+from __future__ import annotations
+
+import getpass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from orchestrator.auth import Principal, Role
+from sdk.errors import QaiError
+from sdk.output import JsonFlag, console, fail, print_json, table
+
+if TYPE_CHECKING:
+    from orchestrator.services import Services
+
+
+@contextmanager
+def cli_errors(as_json: bool) -> Iterator[None]:
+    try:
+        yield
+    except QaiError as err:
+        fail(err, as_json)
+
+
+def cli_principal() -> Principal:
+    return Principal.system(f"cli:{getpass.getuser()}")
+
+
+def services() -> Services:
+    from orchestrator.services import get_services
+
+    return get_services()
+
+
+serve_app = typer.Typer(help="Run the HTTP API.")
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+tenants_app = typer.Typer(help="Tenants.", no_args_is_help=True)
+tokens_app = typer.Typer(help="API bearer tokens.", no_args_is_help=True)
+
+
+@serve_app.callback(invoke_without_command=True)
+def serve(
+    component: Annotated[str, typer.Argument(help="all, or one of: kms")] = "all",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 1,
+) -> None:
+    """Serve every component in one process (default) or a single one (``qai serve kms``)."""
+    import uvicorn
+
+    from orchestrator.app import COMPONENTS
+
+    if component != "all" and component not in COMPONENTS:
+        fail(QaiError("serve.unknown_component", f"unknown component {component!r}",
+                      details={"components": ["all", *COMPONENTS]}), False)
+    services()  # migrate and open the HSM before accepting traffic
+    factory = "orchestrator.main:app" if component == "all" else f"orchestrator.main:{component.replace('-', '_')}_app"
+    uvicorn.run(factory, host=host, port=port, workers=workers, log_level="warning")
+
+
+@db_app.command("upgrade")
+def db_upgrade(as_json: JsonFlag = False) -> None:
+    """Apply all migrations (the services also do this on start-up)."""
+    from orchestrator import migrate
+
+    with cli_errors(as_json):
+        svc = services()
+        rev = migrate.current(svc.db)
+    if as_json:
+        print_json({"revision": rev, "database": svc.db.dialect})
+    else:
+        console.print(f"database ({svc.db.dialect}) at revision {rev}")
+
+
+@tenants_app.command("create")
+def tenants_create(name: str, as_json: JsonFlag = False) -> None:
+    from orchestrator.auth import create_tenant
+
+    with cli_errors(as_json):
+        t = create_tenant(services().db, name)
+    print_json({"name": t.name}) if as_json else console.print(f"tenant {t.name} created")
+
+
+@tenants_app.command("list")
+def tenants_list(as_json: JsonFlag = False) -> None:
+    from orchestrator.auth import list_tenants
+
+    with cli_errors(as_json):
+        rows = list_tenants(services().db)
+    if as_json:
+        print_json([{"name": t.name, "created_at": t.created_at, "crypto_policy": t.crypto_policy}
+                    for t in rows])
+    else:
+        table("tenants", ["name", "created"], [(t.name, t.created_at.isoformat()) for t in rows])
+
+
+@tokens_app.command("issue")
+def tokens_issue(
+    role: Annotated[Role, typer.Option(help="Role of the token.")],
+    tenant: Annotated[str | None, typer.Option(help="Tenant (not for admin/auditor).")] = None,
+    label: str = "",
+    ttl_hours: Annotated[float | None, typer.Option(help="Lifetime; default no expiry.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Issue a bearer token. It is printed once and stored only hashed."""
+    from orchestrator.auth import issue_token
+
+    with cli_errors(as_json):
+        issued = issue_token(services().db, role=role, tenant=tenant, label=label,
+                             ttl=timedelta(hours=ttl_hours) if ttl_hours else None)
+    if as_json:
+        print_json(issued)
+    else:
+        console.print(f"token {issued.token_id} ({issued.role.value}, tenant {issued.tenant}):")
+        console.print(issued.token, soft_wrap=True)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(token_id: str, as_json: JsonFlag = False) -> None:
+    from orchestrator.auth import revoke_token
+
+    with cli_errors(as_json):
+        revoke_token(services().db, token_id)
+    print_json({"revoked": token_id}) if as_json else console.print(f"token {token_id} revoked")
+
+
+def demo(as_json: JsonFlag = False) -> None:
+    """Run the end-to-end demo on the embedded default (make demo)."""
+    from orchestrator.demo import run_demo
+
+    with cli_errors(as_json):
+        run_demo(services(), as_json=as_json)
+
+
+def register(app: typer.Typer) -> None:
+    from kms.cli import keys_app, kms_app
+
+    app.add_typer(serve_app, name="serve")
+    app.add_typer(db_app, name="db")
+    app.add_typer(tenants_app, name="tenants")
+    app.add_typer(tokens_app, name="tokens")
+    app.add_typer(keys_app, name="keys")
+    app.add_typer(kms_app, name="kms")
+    app.command("demo")(demo)

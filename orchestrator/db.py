@@ -1,0 +1,166 @@
+"""Database access shared by every service: engine, sessions, types and append-only tables.
+
+The same models and migrations run on SQLite (the embedded default) and PostgreSQL. Two things
+differ by engine and are hidden here:
+
+* **Writer serialisation.** Appenders of hash chains and logs must see the latest row and write the
+  next one without another writer slipping in between. PostgreSQL uses a transaction-scoped
+  advisory lock; SQLite takes the database write lock up front with ``BEGIN IMMEDIATE``.
+* **Append-only triggers.** Both engines refuse UPDATE and DELETE on ledger-like tables; the DDL for
+  each engine comes from :func:`append_only_ddl`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Engine, create_engine, event, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.types import TypeDecorator
+
+from sdk.errors import QaiError
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+_immediate: contextvars.ContextVar[bool] = contextvars.ContextVar("qai_sqlite_immediate", default=False)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on both engines (SQLite keeps no zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    # pysqlite's own transaction handling defers BEGIN and cannot take the write lock up front;
+    # we switch it off and emit BEGIN ourselves (SQLAlchemy docs, "Serializable isolation").
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if _immediate.get() else "BEGIN")
+
+
+def make_engine(url: str, *, schema: str | None = None, pool_size: int = 10) -> Engine:
+    """An engine for ``url``. ``schema`` pins PostgreSQL's search_path (used for test isolation)."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        _configure_sqlite(engine)
+        return engine
+    connect_args: dict[str, Any] = {}
+    if schema:
+        connect_args["options"] = f"-csearch_path={schema}"
+    return create_engine(
+        url, connect_args=connect_args, pool_size=pool_size, max_overflow=20, pool_pre_ping=True
+    )
+
+
+def _lock_key(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+class Database:
+    """An engine plus its session factory. One per process and configuration."""
+
+    def __init__(self, url: str, *, schema: str | None = None) -> None:
+        self.url = url
+        self.schema = schema
+        self.engine = make_engine(url, schema=schema)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with self.sessions() as session:
+            yield session
+
+    @contextmanager
+    def write(self, *, lock: str | None = None) -> Iterator[Session]:
+        """A transaction that commits on success and rolls back on any error.
+
+        ``lock`` serialises writers that share the name (hash chains, sequencers). On SQLite every
+        write transaction takes the database write lock up front, which covers any name.
+        """
+        token = _immediate.set(True)
+        try:
+            with self.sessions() as session, session.begin():
+                if lock is not None and self.dialect == "postgresql":
+                    session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(lock)})
+                yield session
+        finally:
+            _immediate.reset(token)
+
+    def ping(self) -> None:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as exc:  # any driver error means "not reachable"
+            raise QaiError("db.unreachable", "database is not reachable", status=503,
+                           details={"reason": type(exc).__name__}) from exc
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def append_only_ddl(table: str, dialect: str) -> list[str]:
+    """DDL that makes ``table`` refuse UPDATE and DELETE (and TRUNCATE on PostgreSQL)."""
+    if dialect == "postgresql":
+        return [
+            """
+            CREATE OR REPLACE FUNCTION qai_refuse_mutation() RETURNS trigger AS $$
+            BEGIN
+              RAISE EXCEPTION 'qai: % on append-only table % is refused', TG_OP, TG_TABLE_NAME
+                USING ERRCODE = 'insufficient_privilege';
+            END $$ LANGUAGE plpgsql
+            """,
+            f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
+            f"FOR EACH ROW EXECUTE FUNCTION qai_refuse_mutation()",
+            f"CREATE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table} "
+            f"FOR EACH STATEMENT EXECUTE FUNCTION qai_refuse_mutation()",
+        ]
+    return [
+        f"CREATE TRIGGER {table}_no_update BEFORE UPDATE ON {table} "
+        f"BEGIN SELECT RAISE(ABORT, 'qai: UPDATE on append-only table {table} is refused'); END",
+        f"CREATE TRIGGER {table}_no_delete BEFORE DELETE ON {table} "
+        f"BEGIN SELECT RAISE(ABORT, 'qai: DELETE on append-only table {table} is refused'); END",
+    ]

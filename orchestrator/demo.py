@@ -1,0 +1,134 @@
+"""``qai demo`` (``make demo``): the end-to-end path on the embedded default, narrated.
+
+Re-runnable: it reuses the tenant and keys it created before. Each later feature adds a step.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import threading
+import time
+from typing import Any
+
+import httpx
+import uvicorn
+
+from kms.audit import verify_chain
+from kms.cli import run_selftest
+from orchestrator.app import create_app
+from orchestrator.auth import Principal, Role, create_tenant, issue_token
+from orchestrator.services import Services
+from sdk.canonical import canonical_json
+from sdk.errors import QaiError
+from sdk.output import console, print_json, table
+from sdk.signing import KeyDocument, SignatureBundle, verify_bundle
+
+TENANT = "demo-org"
+KEY = "demo-org.manifest"
+
+
+def _step(n: int, title: str, quiet: bool) -> None:
+    if not quiet:
+        console.rule(f"[bold]{n}. {title}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_demo(svc: Services, *, as_json: bool = False) -> dict[str, Any]:
+    quiet = as_json
+    out: dict[str, Any] = {}
+    admin = Principal.system("demo")
+
+    _step(1, "Embedded default", quiet)
+    out["storage"] = {"database": svc.db.url.split("?")[0], "objects": str(svc.settings.objects_dir),
+                      "hsm_module": svc.settings.pkcs11_module,
+                      "hsm_token": svc.settings.pkcs11_token_label,
+                      "softhsm_dir": str(svc.settings.softhsm_dir) if svc.settings.is_softhsm else None}
+    if not quiet:
+        for k, v in out["storage"].items():
+            console.print(f"  {k:12} {v}")
+
+    _step(2, "Tenant and a hybrid signing key (ML-DSA-65 sealed by the HSM + ECDSA P-256 in the HSM)", quiet)
+    try:
+        create_tenant(svc.db, TENANT)
+    except QaiError as exc:
+        if exc.code != "tenant.exists":
+            raise
+    try:
+        doc = svc.kms.public_key(KEY)
+    except QaiError:
+        doc = svc.kms.create_key(KEY, tenant=TENANT, principal=admin)
+    out["key"] = {"name": doc.name, "suite": doc.suite, "versions": [v.version for v in doc.versions]}
+    if not quiet:
+        console.print(f"  key {doc.name}: suite {doc.suite}, versions {out['key']['versions']}")
+        objs = svc.hsm.key_objects()
+        table("HSM key objects (pkcs11 attributes)", ["label", "type", "sensitive", "never extractable"],
+              [(o.label, o.key_type, o.sensitive, o.never_extractable) for o in objs])
+
+    _step(3, "Sign a run-manifest over REST (real uvicorn server, bearer token with role signer)", quiet)
+    manifest = {"job_id": "00000000-0000-4000-8000-000000000001", "tenant": TENANT,
+                "crypto_mode": "hybrid", "em_method": "zne-richardson", "shots": 4000}
+    payload = canonical_json(manifest)
+    token = issue_token(svc.db, role=Role.SIGNER, tenant=TENANT, label="demo").token
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(svc), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}",
+                          headers={"Authorization": f"Bearer {token}"}) as client:
+            resp = client.post(f"/v1/keys/{KEY}/sign",
+                               json={"message": base64.b64encode(payload).decode()})
+            resp.raise_for_status()
+            bundle = SignatureBundle.model_validate(resp.json())
+            key_doc = KeyDocument.model_validate(client.get(f"/v1/keys/{KEY}").json())
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    out["signature"] = [{"keyid": p.keyid, "bytes": len(base64.b64decode(p.signature))} for p in bundle.parts]
+    if not quiet:
+        console.print(f"  manifest (RFC 8785): {payload.decode()}")
+        for p in out["signature"]:
+            console.print(f"  signed by {p['keyid']:36} ({p['bytes']} bytes)")
+
+    _step(4, "Verify offline from the public key document alone (sdk, no server)", quiet)
+    version = verify_bundle(bundle, payload, key_doc)
+    tampered = json.loads(payload)
+    tampered["shots"] = 1
+    try:
+        verify_bundle(bundle, canonical_json(tampered), key_doc)
+        tamper_result = "ACCEPTED (bug)"
+    except QaiError as exc:
+        tamper_result = f"rejected ({exc.code})"
+    out["offline_verify"] = {"version": version.version, "tampered": tamper_result}
+    if not quiet:
+        console.print(f"  [green]valid[/]: {KEY}@{version.version}, both parts; tampered copy {tamper_result}")
+
+    _step(5, "KMS self-test: every suite and KEM through the HSM", quiet)
+    rows = run_selftest()
+    out["selftest"] = rows
+    if not quiet:
+        table("KMS self-test", ["suite", "sign/encap ms", "verified", "tamper rejected"],
+              [(r["suite"], r["sign_ms"], r["verified"], r["tamper_rejected"]) for r in rows])
+
+    _step(6, "Audit log: hash chain verification", quiet)
+    report = verify_chain(svc.db)
+    out["audit"] = {"ok": report.ok, "records": report.records, "head": report.head}
+    if not quiet:
+        state = "[green]OK[/]" if report.ok else f"[red]BROKEN[/] {report.first_break}"
+        console.print(f"  audit chain {state}: {report.records} records, head {report.head[:16]}…")
+    if as_json:
+        print_json(out)
+    if not report.ok:
+        raise QaiError("audit.chain_broken", "the KMS audit chain does not verify", status=500,
+                       details=report.first_break or {})
+    return out

@@ -1,0 +1,8 @@
+"""ASGI entry points for uvicorn: ``orchestrator.main:app`` (everything) and one per component."""
+
+from __future__ import annotations
+
+from orchestrator.app import create_app
+
+app = create_app()
+kms_app = create_app(components=("kms",))

@@ -1,0 +1,75 @@
+"""Wiring: build the process's database, HSM and services from settings, once.
+
+Routers and CLI commands get their services from here (or from ``app.state`` in tests), so
+settings are read in one place and nothing opens a second HSM session pool by accident.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from kms.hsm import Hsm, HsmConfig
+from kms.service import KMS, KmsConfig
+from orchestrator import migrate
+from orchestrator.db import Database
+from orchestrator.settings import Settings, get_settings
+
+
+def hsm_config(settings: Settings) -> HsmConfig:
+    user_pin, so_pin = settings.hsm_pins()
+    auto = settings.is_softhsm and settings.softhsm_auto_init
+    return HsmConfig(
+        module=settings.pkcs11_module,
+        token_label=settings.pkcs11_token_label,
+        user_pin=user_pin,
+        so_pin=so_pin,
+        pool_size=settings.pkcs11_pool_size,
+        softhsm_dir=settings.softhsm_dir if auto else None,
+    )
+
+
+def kms_config(settings: Settings) -> KmsConfig:
+    return KmsConfig(
+        kek_label=settings.kek_label,
+        default_suite=settings.default_suite,
+        max_message_bytes=settings.kms_max_message_bytes,
+        unsealed_ttl=settings.kms_unsealed_key_ttl_seconds,
+        preferred_provider=settings.crypto_provider,
+    )
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    hsm: Hsm
+    kms: KMS
+    extras: dict[str, object] = field(default_factory=dict)
+
+    def close(self) -> None:
+        self.kms.forget_unsealed()
+        self.hsm.close()
+        self.db.dispose()
+
+
+def build_services(settings: Settings, *, db: Database | None = None, migrate_db: bool = True) -> Services:
+    if settings.database_url is None:
+        settings.home.mkdir(parents=True, exist_ok=True)
+    database = db or Database(settings.resolved_database_url)
+    if migrate_db:
+        migrate.upgrade(database)
+    hsm = Hsm(hsm_config(settings))
+    return Services(settings=settings, db=database, hsm=hsm, kms=KMS(database, hsm, kms_config(settings)))
+
+
+_services: Services | None = None
+_lock = threading.Lock()
+
+
+def get_services() -> Services:
+    global _services
+    with _lock:
+        if _services is None:
+            _services = build_services(get_settings())
+        return _services

@@ -1,0 +1,120 @@
+"""The one settings object of the server side (pydantic-settings, prefix ``QAI_``).
+
+The embedded default needs no configuration at all: everything lives under ``./.qai/`` (a SQLite
+database, an object-store directory and a SoftHSM token with its own ``softhsm2.conf``).
+Production is a matter of environment variables: ``QAI_DATABASE_URL`` (PostgreSQL via psycopg 3),
+``QAI_S3_*`` (S3/MinIO), ``QAI_REDIS_URL`` and ``QAI_PKCS11_*`` (the HSM). Every setting is listed
+in ``docs/operations.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SOFTHSM_MODULE_CANDIDATES = (
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+)
+
+
+def _default_module() -> str:
+    for candidate in SOFTHSM_MODULE_CANDIDATES:
+        if Path(candidate).exists():
+            return candidate
+    return SOFTHSM_MODULE_CANDIDATES[0]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QAI_", env_file=None, extra="ignore")
+
+    home: Path = Field(default=Path(".qai"), description="Root of the embedded default's data.")
+
+    # Storage
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; SQLite under home.")
+    s3_bucket: str | None = Field(default=None, description="Use S3/MinIO when set.")
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_prefix: str = ""
+    redis_url: str | None = None
+
+    # HSM (PKCS#11)
+    pkcs11_module: str = Field(default_factory=_default_module)
+    pkcs11_token_label: str = "qai"
+    pkcs11_user_pin: SecretStr | None = None
+    pkcs11_so_pin: SecretStr | None = None
+    pkcs11_pool_size: int = Field(default=4, ge=1, le=64)
+    softhsm_auto_init: bool = Field(
+        default=True,
+        description="For SoftHSM only: create ./.qai/softhsm and initialise the token on first use.",
+    )
+    kek_label: str = "qai-kek-1"
+
+    # KMS
+    default_suite: str = "ML-DSA-65+ECDSA-P256"
+    kms_max_message_bytes: int = Field(default=256 * 1024, ge=1)
+    kms_unsealed_key_ttl_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description="How long an unsealed PQC key stays in proxy memory; 0 unseals for every use.",
+    )
+    crypto_provider: str | None = Field(default=None, description="Preferred provider name.")
+
+    # HTTP
+    max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
+    bootstrap_admin_token: SecretStr | None = Field(
+        default=None, description="If set, a token with this exact value is accepted as admin."
+    )
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.home / 'qai.db').resolve()}"
+
+    @property
+    def objects_dir(self) -> Path:
+        return self.home / "objects"
+
+    @property
+    def is_softhsm(self) -> bool:
+        return "softhsm" in Path(self.pkcs11_module).name
+
+    @property
+    def softhsm_dir(self) -> Path:
+        return self.home / "softhsm"
+
+    def hsm_pins(self) -> tuple[str, str]:
+        """The user and SO PIN. Settings win; otherwise a dev-only pair is generated once.
+
+        The generated pair is written with mode 0600 under ``home`` and only ever used with the
+        embedded SoftHSM token. A production HSM must be given its PIN through settings.
+        """
+        if self.pkcs11_user_pin is not None:
+            so = self.pkcs11_so_pin.get_secret_value() if self.pkcs11_so_pin else ""
+            return self.pkcs11_user_pin.get_secret_value(), so
+        pin_file = self.home / "hsm-pin.json"
+        if pin_file.exists():
+            data = json.loads(pin_file.read_text())
+            return str(data["user_pin"]), str(data["so_pin"])
+        self.home.mkdir(parents=True, exist_ok=True)
+        pins = {"user_pin": secrets.token_hex(16), "so_pin": secrets.token_hex(16)}
+        fd = os.open(pin_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(pins, fh)
+        return pins["user_pin"], pins["so_pin"]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

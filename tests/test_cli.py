@@ -1,0 +1,84 @@
+"""The ``qai`` CLI as a user runs it: separate processes on an embedded default of their own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def qai(tmp_path: Path):  # type: ignore[no-untyped-def]
+    env = {**os.environ, "QAI_HOME": str(tmp_path / ".qai")}
+    env.pop("SOFTHSM2_CONF", None)
+
+    def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([sys.executable, "-m", "sdk.cli", *args], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        if ok:
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc
+
+    return run
+
+
+def _json(proc: subprocess.CompletedProcess[str]) -> Any:
+    return json.loads(proc.stdout)
+
+
+def test_key_commands_end_to_end(qai, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    assert _json(qai("tenants", "create", "org-a", "--json")) == {"name": "org-a"}
+    doc = _json(qai("keys", "create", "org-a.m", "--tenant", "org-a", "--json"))
+    assert doc["suite"] == "ML-DSA-65+ECDSA-P256" and doc["versions"][0]["version"] == 1
+    assert [k["name"] for k in _json(qai("keys", "list", "--json"))] == ["org-a.m"]
+    assert "ML-DSA-65" in qai("keys", "show", "org-a.m").stdout
+    assert len(_json(qai("keys", "rotate", "org-a.m", "--json"))["versions"]) == 2
+    revoked = _json(qai("keys", "revoke", "org-a.m", "--version", "1", "--reason", "drill", "--json"))
+    assert revoked["versions"][0]["state"] == "revoked"
+    pem = qai("keys", "export-public", "org-a.m", "--format", "pem").stdout
+    assert pem.count("-----BEGIN PUBLIC KEY-----") == 2
+    out = tmp_path / "key.json"
+    qai("keys", "export-public", "org-a.m", "--out", str(out))
+    exported = json.loads(out.read_text())
+    assert [v["version"] for v in exported["versions"]] == [1, 2]
+    assert "private" not in out.read_text() and "sealed" not in out.read_text()
+    audit = _json(qai("kms", "audit", "verify", "--json"))
+    assert audit["ok"] is True and audit["records"] >= 3
+    objects = _json(qai("kms", "token-objects", "--json"))
+    assert objects and all(o["never_extractable"] and not o["extractable"] for o in objects)
+    # the dev PIN was generated once, private to the user
+    assert oct((tmp_path / ".qai" / "hsm-pin.json").stat().st_mode & 0o777) == "0o600"
+
+
+def test_errors_have_codes_and_exit_status(qai) -> None:  # type: ignore[no-untyped-def]
+    proc = qai("keys", "create", "k", "--tenant", "ghost", "--json", ok=False)
+    assert proc.returncode == 2
+    assert _json(proc)["error"]["code"] == "tenant.not_found"
+    qai("tenants", "create", "org-a")
+    proc = qai("keys", "create", "k", "--tenant", "org-a", "--suite", "RSA-2048", ok=False)
+    assert proc.returncode == 2 and "crypto.unknown_algorithm" in proc.stderr
+
+
+def test_selftest_covers_every_suite(qai) -> None:  # type: ignore[no-untyped-def]
+    rows = _json(qai("kms", "selftest", "--json"))
+    algs = {a for r in rows for a in r["algorithms"]}
+    assert algs == {"ML-DSA-44", "ML-DSA-65", "ML-DSA-87", "SLH-DSA-SHA2-128s", "SLH-DSA-SHA2-128f",
+                    "ML-KEM-768", "ML-KEM-1024", "ECDSA-P256", "Ed25519"}
+    assert all(r["verified"] and r["tamper_rejected"] for r in rows)
+
+
+def test_tokens_and_help(qai) -> None:  # type: ignore[no-untyped-def]
+    qai("tenants", "create", "org-a")
+    issued = _json(qai("tokens", "issue", "--role", "signer", "--tenant", "org-a", "--json"))
+    assert issued["token"].startswith("qai_") and issued["role"] == "signer"
+    assert _json(qai("tokens", "revoke", issued["token_id"], "--json")) == {"revoked": issued["token_id"]}
+    helptext = qai("--help").stdout
+    for cmd in ("serve", "keys", "kms", "tenants", "tokens", "demo", "db"):
+        assert cmd in helptext
