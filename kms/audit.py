@@ -13,12 +13,15 @@ what was signed.
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from kms.models import KmsAuditRecord
@@ -69,23 +72,80 @@ def append(session: Session, events: Iterable[AuditEvent], *, at: datetime | Non
     ).first()
     seq, head = (last[0], last[1]) if last else (0, GENESIS_HASH)
     when = at or utcnow()
+    rows = []
     for event in events:
         seq += 1
         new_head = chain_hash(head, _record_fields(seq, when, event))
-        session.add(KmsAuditRecord(
-            seq=seq, at=when, actor=event.actor, operation=event.operation,
-            key_name=event.key_name, key_version=event.key_version, result=event.result,
-            detail=event.detail, prev_hash=head, record_hash=new_head,
-        ))
+        rows.append({"seq": seq, "at": when, "actor": event.actor, "operation": event.operation,
+                     "key_name": event.key_name, "key_version": event.key_version,
+                     "result": event.result, "detail": event.detail, "prev_hash": head,
+                     "record_hash": new_head})
         head = new_head
-    session.flush()
+    if rows:
+        session.execute(insert(KmsAuditRecord.__table__), rows)
     return head
 
 
-def record(db: Database, *events: AuditEvent) -> str:
-    """Append ``events`` in a transaction of their own."""
-    with db.write(lock=AUDIT_LOCK) as session:
-        return append(session, events)
+class AuditWriter:
+    """Group commit for audit records, on a thread of its own.
+
+    ``submit`` queues events and returns a future that resolves once they are committed. The
+    writer takes everything queued at that moment into one transaction, so concurrent signers
+    share commits, and a signer can compute its signature while its record is being written
+    (the KMS writes sign records ahead of the signature and returns nothing before the commit).
+    """
+
+    def __init__(self, db: Database, *, max_batch: int = 1000) -> None:
+        self.db = db
+        self.max_batch = max_batch
+        self._queue: queue.Queue[tuple[list[AuditEvent], Future[str]] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, events: Iterable[AuditEvent]) -> Future[str]:
+        fut: Future[str] = Future()
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="kms-audit-writer", daemon=True)
+                self._thread.start()
+            self._queue.put((list(events), fut))
+        return fut
+
+    def write(self, *events: AuditEvent) -> str:
+        """Append and wait for the commit."""
+        return self.submit(events).result()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                self._queue.put(None)
+                self._thread.join(timeout=30)
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # finish this batch, then stop
+                    break
+                batch.append(nxt)
+            try:
+                with self.db.write(lock=AUDIT_LOCK) as session:
+                    head = append(session, [e for events, _ in batch for e in events])
+            except BaseException as exc:
+                for _, fut in batch:
+                    fut.set_exception(exc)
+                continue
+            for _, fut in batch:
+                fut.set_result(head)
 
 
 @dataclass

@@ -19,6 +19,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -30,7 +31,7 @@ from kms import audit
 from kms.audit import AuditEvent
 from kms.hsm import HSM_ALGORITHMS, Hsm
 from kms.models import KmsKey, KmsKeyComponent, KmsKeyVersion
-from kms.providers import get_provider, provider_for
+from kms.providers import PrivateKey, get_provider, provider_for
 from orchestrator.auth import Principal, Role, get_tenant
 from orchestrator.db import Database, utcnow
 from sdk.algorithms import get_algorithm
@@ -59,6 +60,7 @@ class KmsConfig:
     max_message_bytes: int = 256 * 1024
     unsealed_ttl: float = 300.0
     preferred_provider: str | None = None
+    key_cache_seconds: float = 1.0  # how stale a key's version list may be; 0 reads it every time
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class _Component:
 class _SigningVersion:
     key_name: str
     tenant: str
+    purpose: str
     suite: str
     version: int
     components: tuple[_Component, ...]
@@ -97,10 +100,10 @@ class _UnsealedCache:
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
-        self._items: dict[tuple[str, int, str], tuple[float, bytearray]] = {}
+        self._items: dict[tuple[str, int, str], tuple[float, PrivateKey]] = {}
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[str, int, str]) -> bytearray | None:
+    def get(self, key: tuple[str, int, str]) -> PrivateKey | None:
         with self._lock:
             item = self._items.get(key)
             if item is None:
@@ -110,7 +113,7 @@ class _UnsealedCache:
                 return None
             return item[1]
 
-    def put(self, key: tuple[str, int, str], secret: bytearray) -> None:
+    def put(self, key: tuple[str, int, str], secret: PrivateKey) -> None:
         if self.ttl <= 0:
             return
         with self._lock:
@@ -127,8 +130,8 @@ class _UnsealedCache:
                 self._wipe(k)
 
     def _wipe(self, key: tuple[str, int, str]) -> None:
-        _, secret = self._items.pop(key)
-        secret[:] = b"\x00" * len(secret)
+        # Dropping the last reference frees the key; OpenSSL cleanses private key memory on free.
+        self._items.pop(key)
 
 
 class KMS:
@@ -145,6 +148,10 @@ class KMS:
         self.config = config or KmsConfig()
         self.clock = clock
         self._unsealed = _UnsealedCache(self.config.unsealed_ttl)
+        self._latest: dict[str, tuple[float, _SigningVersion]] = {}
+        self._audit = audit.AuditWriter(db)
+        # Calls into the module are serialised per process (see kms.hsm), so one thread suffices.
+        self._hsm_calls = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kms-hsm")
         self._kek_ready = False
 
     # -- key lifecycle ------------------------------------------------------------------------
@@ -210,6 +217,7 @@ class KMS:
         except BaseException:
             self._destroy_hsm_objects(created)
             raise
+        self._latest.pop(name, None)
         return self.public_key(name)
 
     def disable(self, name: str, version: int, *, principal: Principal) -> KeyDocument:
@@ -263,6 +271,7 @@ class KMS:
             audit.append(s, [AuditEvent(principal.subject, operation, "ok", name, version,
                                         {"reason": reason} if reason else {})], at=now)
         self._unsealed.evict(name)
+        self._latest.pop(name, None)
         return self.public_key(name)
 
     # -- signing ------------------------------------------------------------------------------
@@ -296,23 +305,37 @@ class KMS:
             self._audit_error(principal, "sign", name, None, exc.code)
             raise
         now = self.clock()
-        bundles = []
-        events = []
-        for data in to_sign:
-            try:
-                parts = [SignaturePart(key_name=name, version=version.version, alg=c.alg,
-                                       signature=b64encode(self._sign_component(version, c, data, prehash)))
-                         for c in version.components]
-            except QaiError as exc:
-                self._audit_error(principal, "sign", name, version.version, exc.code)
-                raise
-            bundles.append(SignatureBundle(suite=version.suite, parts=parts, prehash=prehash,
-                                           signed_at=now))
-            signed = data if prehash else hashlib.sha256(data).digest()
-            events.append(AuditEvent(principal.subject, "sign", "ok", name, version.version,
-                                     {"sha256": signed.hex(), "prehash": prehash}))
-        with self.db.write(lock=audit.AUDIT_LOCK) as s:
-            audit.append(s, events, at=now)
+        # Write-ahead audit: the records are committed while the signatures are computed, and no
+        # signature is returned before its record is durable. If signing then fails, an error
+        # record follows the ok record.
+        committed = self._audit.submit(
+            AuditEvent(principal.subject, "sign", "ok", name, version.version,
+                       {"sha256": (data if prehash else hashlib.sha256(data).digest()).hex(),
+                        "prehash": prehash})
+            for data in to_sign
+        )
+        try:
+            # HSM parts run on the HSM's thread while this thread computes the PQC parts: both
+            # release the GIL, so a hybrid signature costs about as much as its slower half.
+            in_hsm = {(i, c.alg): self._hsm_calls.submit(self._sign_component, version, c, data, prehash)
+                      for i, data in enumerate(to_sign) for c in version.components if c.provider == "hsm"}
+            local = {(i, c.alg): self._sign_component(version, c, data, prehash)
+                     for i, data in enumerate(to_sign) for c in version.components if c.provider != "hsm"}
+            local.update({k: f.result() for k, f in in_hsm.items()})
+            bundles = [
+                SignatureBundle(
+                    suite=version.suite, prehash=prehash, signed_at=now,
+                    parts=[SignaturePart(key_name=name, version=version.version, alg=c.alg,
+                                         signature=b64encode(local[(i, c.alg)]))
+                           for c in version.components],
+                )
+                for i in range(len(to_sign))
+            ]
+        except QaiError as exc:
+            committed.exception()
+            self._audit_error(principal, "sign", name, version.version, exc.code)
+            raise
+        committed.result()
         return bundles
 
     def verify(
@@ -355,13 +378,12 @@ class KMS:
                 raise QaiError("kms.wrong_purpose", f"{name} is not a KEM key", status=409)
             sv = self._load_version(name, version)
             comp = sv.components[0]
-            secret = self._private_key(sv, comp, principal)
-            shared = get_provider(comp.provider).decapsulate(comp.alg, bytes(secret), ciphertext)
+            shared = self._private_key(sv, comp, principal).decapsulate(ciphertext)
         except QaiError as exc:
             self._audit_error(principal, "decapsulate", name, version, exc.code)
             raise
-        audit.record(self.db, AuditEvent(principal.subject, "decapsulate", "ok", name, version,
-                                         {"ciphertext_sha256": hashlib.sha256(ciphertext).hexdigest()}))
+        self._audit.write(AuditEvent(principal.subject, "decapsulate", "ok", name, version,
+                                     {"ciphertext_sha256": hashlib.sha256(ciphertext).hexdigest()}))
         return shared
 
     # -- reads --------------------------------------------------------------------------------
@@ -485,18 +507,29 @@ class KMS:
                 KmsKeyComponent.key_name == name, KmsKeyComponent.version == row.version)).all()
         order = {alg: i for i, alg in enumerate(parse_suite(key.suite))}
         return _SigningVersion(
-            key.name, key.tenant, key.suite, row.version,
+            key.name, key.tenant, key.purpose, key.suite, row.version,
             tuple(sorted((_Component(c.alg, c.provider, c.public_key, c.sealed_private,
                                      c.kek_label, c.hsm_label) for c in comps),
                          key=lambda c: order[c.alg])),
         )
 
     def _signing_version(self, name: str, principal: Principal) -> _SigningVersion:
-        key = self._key_row(name)
-        principal.require(key.tenant, Role.SIGNER, action="signing")
-        if key.purpose != "signing":
+        """The latest enabled version, from a cache at most ``key_cache_seconds`` old.
+
+        Rotations and revocations made by this process invalidate it at once; those made by
+        another process are seen within ``key_cache_seconds``.
+        """
+        cached = self._latest.get(name)
+        if cached is not None and cached[0] > time.monotonic():
+            sv = cached[1]
+        else:
+            sv = self._load_version(name, None)
+            if self.config.key_cache_seconds > 0:
+                self._latest[name] = (time.monotonic() + self.config.key_cache_seconds, sv)
+        principal.require(sv.tenant, Role.SIGNER, action="signing")
+        if sv.purpose != "signing":
             raise QaiError("kms.wrong_purpose", f"{name} is not a signing key", status=409)
-        return self._load_version(name, None)
+        return sv
 
     def _check_input(self, data: bytes | None, prehash: Prehash | None) -> bytes:
         if data is None:
@@ -525,10 +558,9 @@ class KMS:
                 raise QaiError("crypto.prehash_unsupported",
                                f"{c.alg} in the HSM signs whole messages only", status=422)
             return self.hsm.sign(c.alg, c.hsm_label or "", data)
-        secret = self._private_key(sv, c, None)
-        return get_provider(c.provider).sign(c.alg, bytes(secret), data, prehash=prehash)
+        return self._private_key(sv, c, None).sign(data, prehash=prehash)
 
-    def _private_key(self, sv: _SigningVersion, c: _Component, principal: Principal | None) -> bytearray:
+    def _private_key(self, sv: _SigningVersion, c: _Component, principal: Principal | None) -> PrivateKey:
         cache_key = (sv.key_name, sv.version, c.alg)
         secret = self._unsealed.get(cache_key)
         if secret is not None:
@@ -543,15 +575,26 @@ class KMS:
         except QaiError as exc:
             self._audit_error(None, "unseal", sv.key_name, sv.version, exc.code, subject=subject)
             raise
-        audit.record(self.db, AuditEvent(subject, "unseal", "ok", sv.key_name, sv.version, {"alg": c.alg}))
-        self._unsealed.put(cache_key, secret)
-        return secret
+        try:
+            loaded = get_provider(c.provider).load_private(c.alg, bytes(secret))
+        finally:
+            secret[:] = b"\x00" * len(secret)
+        self._audit.write(AuditEvent(subject, "unseal", "ok", sv.key_name, sv.version, {"alg": c.alg}))
+        self._unsealed.put(cache_key, loaded)
+        return loaded
 
     def _audit_error(self, principal: Principal | None, operation: str, name: str | None,
                      version: int | None, code: str, *, subject: str | None = None) -> None:
         who = subject or (principal.subject if principal else "kms")
-        audit.record(self.db, AuditEvent(who, operation, "error", name, version, {"code": code}))
+        self._audit.write(AuditEvent(who, operation, "error", name, version, {"code": code}))
+
+    def close(self) -> None:
+        """Stop the audit writer (after it has committed what it holds) and drop unsealed keys."""
+        self._audit.close()
+        self._hsm_calls.shutdown(wait=True)
+        self.forget_unsealed()
 
     def forget_unsealed(self) -> None:
-        """Wipe every unsealed key from proxy memory."""
+        """Drop every unsealed key from proxy memory (and the key-version cache)."""
         self._unsealed.clear()
+        self._latest.clear()

@@ -36,13 +36,11 @@ def services() -> Services:
     return get_services()
 
 
-serve_app = typer.Typer(help="Run the HTTP API.")
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 tenants_app = typer.Typer(help="Tenants.", no_args_is_help=True)
 tokens_app = typer.Typer(help="API bearer tokens.", no_args_is_help=True)
 
 
-@serve_app.callback(invoke_without_command=True)
 def serve(
     component: Annotated[str, typer.Argument(help="all, or one of: kms")] = "all",
     host: str = "127.0.0.1",
@@ -139,7 +137,7 @@ def demo(as_json: JsonFlag = False) -> None:
 def register(app: typer.Typer) -> None:
     from kms.cli import keys_app, kms_app
 
-    app.add_typer(serve_app, name="serve")
+    app.command("serve")(serve)
     app.add_typer(db_app, name="db")
     app.add_typer(tenants_app, name="tenants")
     app.add_typer(tokens_app, name="tokens")

@@ -48,7 +48,7 @@ class Services:
     extras: dict[str, object] = field(default_factory=dict)
 
     def close(self) -> None:
-        self.kms.forget_unsealed()
+        self.kms.close()
         self.hsm.close()
         self.db.dispose()
 

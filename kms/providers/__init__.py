@@ -5,7 +5,7 @@ Order of preference: ``openssl`` (default), ``pqclean``, ``liboqs`` (optional).
 
 from __future__ import annotations
 
-from kms.providers.base import KeyPair, Provider
+from kms.providers.base import KeyPair, PrivateKey, Provider
 from kms.providers.liboqs import LibOQSProvider
 from kms.providers.openssl import OpenSSLProvider
 from kms.providers.pqclean import PQCleanProvider
@@ -43,4 +43,4 @@ def provider_for(alg: str, preferred: str | None = None) -> Provider:
                    status=503, details={"algorithm": alg, "available": available_providers()})
 
 
-__all__ = ["PROVIDERS", "KeyPair", "Provider", "available_providers", "get_provider", "provider_for"]
+__all__ = ["PROVIDERS", "KeyPair", "PrivateKey", "Provider", "available_providers", "get_provider", "provider_for"]

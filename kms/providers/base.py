@@ -19,6 +19,16 @@ class KeyPair:
     private_key: bytes = field(repr=False)
 
 
+class PrivateKey(Protocol):
+    """A loaded private key: what the KMS keeps in proxy memory between unseal and expiry."""
+
+    alg: str
+
+    def sign(self, message: bytes, *, prehash: str | None = None) -> bytes: ...
+
+    def decapsulate(self, ciphertext: bytes) -> bytes: ...
+
+
 class Provider(Protocol):
     name: str
 
@@ -27,6 +37,8 @@ class Provider(Protocol):
     def algorithms(self) -> frozenset[str]: ...
 
     def generate(self, alg: str) -> KeyPair: ...
+
+    def load_private(self, alg: str, private_key: bytes) -> PrivateKey: ...
 
     def sign(self, alg: str, private_key: bytes, message: bytes, *, prehash: str | None = None) -> bytes: ...
 
@@ -41,3 +53,18 @@ class Provider(Protocol):
 def unsupported(provider: str, alg: str) -> QaiError:
     return QaiError("crypto.unsupported_algorithm", f"provider {provider} does not implement {alg}",
                     status=400, details={"provider": provider, "algorithm": alg})
+
+
+@dataclass(frozen=True)
+class BytesPrivateKey:
+    """A private key kept as bytes, for providers without a native key object."""
+
+    provider: Provider
+    alg: str
+    private_key: bytes = field(repr=False)
+
+    def sign(self, message: bytes, *, prehash: str | None = None) -> bytes:
+        return self.provider.sign(self.alg, self.private_key, message, prehash=prehash)
+
+    def decapsulate(self, ciphertext: bytes) -> bytes:
+        return self.provider.decapsulate(self.alg, self.private_key, ciphertext)

@@ -15,7 +15,7 @@ from functools import cache
 from types import ModuleType
 from typing import Any
 
-from kms.providers.base import KeyPair, unsupported
+from kms.providers.base import BytesPrivateKey, KeyPair, unsupported
 from sdk.errors import QaiError
 
 _NAMES = {
@@ -63,6 +63,11 @@ class LibOQSProvider:
 
     def algorithms(self) -> frozenset[str]:
         return frozenset(_NAMES)
+
+    def load_private(self, alg: str, private_key: bytes) -> BytesPrivateKey:
+        if alg not in self.algorithms():
+            raise unsupported(self.name, alg)
+        return BytesPrivateKey(self, alg, private_key)
 
     def generate(self, alg: str) -> KeyPair:
         oqs = _oqs()

@@ -54,22 +54,20 @@ class OpenSSLProvider:
             return KeyPair(d.public_key().public_bytes(*_RAW), d.private_bytes_raw())
         raise unsupported(self.name, alg)
 
-    def sign(self, alg: str, private_key: bytes, message: bytes, *, prehash: str | None = None) -> bytes:
-        check_prehash(alg, prehash, len(message))
+    def load_private(self, alg: str, private_key: bytes) -> _OpenSSLKey:
         if alg in _MLDSA:
             k = _MLDSA[alg].from_seed_bytes(private_key)
-            if prehash is None:
-                return bytes(k.sign(message))
-            return bytes(k.sign_mu(hash_mldsa_mu(k.public_key().public_bytes_raw(), message, prehash)))
+            return _OpenSSLKey(alg, k, k.public_key().public_bytes_raw())
+        if alg in _MLKEM:
+            return _OpenSSLKey(alg, _MLKEM[alg][0].from_seed_bytes(private_key), b"")
         if alg == "ECDSA-P256":
-            e = ec.derive_private_key(int.from_bytes(private_key, "big"), ec.SECP256R1())
-            if prehash is None:
-                return e.sign(message, ec.ECDSA(hashes.SHA256()))
-            h = hashes.SHA256() if prehash == "sha256" else hashes.SHA512()
-            return e.sign(message, ec.ECDSA(utils.Prehashed(h)))
+            return _OpenSSLKey(alg, ec.derive_private_key(int.from_bytes(private_key, "big"), ec.SECP256R1()), b"")
         if alg == "Ed25519":
-            return ed25519.Ed25519PrivateKey.from_private_bytes(private_key).sign(message)
+            return _OpenSSLKey(alg, ed25519.Ed25519PrivateKey.from_private_bytes(private_key), b"")
         raise unsupported(self.name, alg)
+
+    def sign(self, alg: str, private_key: bytes, message: bytes, *, prehash: str | None = None) -> bytes:
+        return self.load_private(alg, private_key).sign(message, prehash=prehash)
 
     def verify(self, alg: str, public_key: bytes, message: bytes, signature: bytes, *,
                prehash: str | None = None) -> bool:
@@ -87,4 +85,34 @@ class OpenSSLProvider:
     def decapsulate(self, alg: str, private_key: bytes, ciphertext: bytes) -> bytes:
         if alg not in _MLKEM:
             raise unsupported(self.name, alg)
-        return bytes(_MLKEM[alg][0].from_seed_bytes(private_key).decapsulate(ciphertext))
+        return self.load_private(alg, private_key).decapsulate(ciphertext)
+
+
+class _OpenSSLKey:
+    """A loaded ``cryptography`` private key: key expansion happens once, not per signature."""
+
+    def __init__(self, alg: str, key: Any, public_key: bytes) -> None:
+        self.alg = alg
+        self._key = key
+        self._public_key = public_key
+
+    def sign(self, message: bytes, *, prehash: str | None = None) -> bytes:
+        alg, key = self.alg, self._key
+        check_prehash(alg, prehash, len(message))
+        if alg in _MLDSA:
+            if prehash is None:
+                return bytes(key.sign(message))
+            return bytes(key.sign_mu(hash_mldsa_mu(self._public_key, message, prehash)))
+        if alg == "ECDSA-P256":
+            if prehash is None:
+                return bytes(key.sign(message, ec.ECDSA(hashes.SHA256())))
+            h = hashes.SHA256() if prehash == "sha256" else hashes.SHA512()
+            return bytes(key.sign(message, ec.ECDSA(utils.Prehashed(h))))
+        if alg == "Ed25519":
+            return bytes(key.sign(message))
+        raise unsupported("openssl", alg)
+
+    def decapsulate(self, ciphertext: bytes) -> bytes:
+        if self.alg not in _MLKEM:
+            raise unsupported("openssl", self.alg)
+        return bytes(self._key.decapsulate(ciphertext))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from kms.providers.base import KeyPair, unsupported
+from kms.providers.base import BytesPrivateKey, KeyPair, unsupported
 from sdk.crypto import check_prehash
 
 _SIGN = {
@@ -42,6 +42,11 @@ class PQCleanProvider:
 
     def algorithms(self) -> frozenset[str]:
         return frozenset({*_SIGN, *_KEM})
+
+    def load_private(self, alg: str, private_key: bytes) -> BytesPrivateKey:
+        if alg not in self.algorithms():
+            raise unsupported(self.name, alg)
+        return BytesPrivateKey(self, alg, private_key)
 
     def generate(self, alg: str) -> KeyPair:
         if alg not in self.algorithms():
