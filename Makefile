@@ -60,6 +60,7 @@ typecheck:
 	$(VENV)/bin/mypy
 
 bench: setup services
+	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }
 	$(PY) bench/kms_bench.py
 
 clean:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import Table, insert, select
 from sqlalchemy.orm import Session
 
 from kms.models import KmsAuditRecord
@@ -29,6 +29,7 @@ from orchestrator.db import Database, utcnow
 from sdk.canonical import canonical_json
 
 GENESIS_HASH = "0" * 64
+KMS_AUDIT_TABLE: Table = KmsAuditRecord.__table__  # type: ignore[assignment]  # Core insert: no ORM overhead
 AUDIT_LOCK = "kms_audit_log"
 
 
@@ -82,7 +83,7 @@ def append(session: Session, events: Iterable[AuditEvent], *, at: datetime | Non
                      "record_hash": new_head})
         head = new_head
     if rows:
-        session.execute(insert(KmsAuditRecord.__table__), rows)
+        session.execute(insert(KMS_AUDIT_TABLE), rows)
     return head
 
 

@@ -562,9 +562,9 @@ class KMS:
 
     def _private_key(self, sv: _SigningVersion, c: _Component, principal: Principal | None) -> PrivateKey:
         cache_key = (sv.key_name, sv.version, c.alg)
-        secret = self._unsealed.get(cache_key)
-        if secret is not None:
-            return secret
+        cached = self._unsealed.get(cache_key)
+        if cached is not None:
+            return cached
         if c.sealed_private is None or c.kek_label is None:
             raise QaiError("kms.no_private_key", f"{sv.key_name}@{sv.version}/{c.alg} has no sealed key",
                            status=500)

@@ -7,8 +7,9 @@ Wire formats used throughout qai:
 * ECDSA signatures are DER over SHA-256 of the message; Ed25519 signatures are RFC 8032;
   ML-DSA and SLH-DSA signatures are the FIPS encodings, pure mode with an empty context;
 * ``prehash`` ("sha256" or "sha512") means the signer was given only a digest. ML-DSA then uses
-  HashML-DSA (FIPS 204 §5.4) and ECDSA signs the digest directly; SLH-DSA and Ed25519 sign whole
-  messages only.
+  HashML-DSA (FIPS 204 §5.4, empty context) and ECDSA signs the digest directly. SLH-DSA and
+  Ed25519 sign whole messages only: no library here signs HashSLH-DSA from a bare digest
+  (pqcrypto's SLH-DSA hash mode hashes the message itself), and pure EdDSA has no digest form.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import base64
 import hashlib
 import textwrap
 from collections.abc import Callable
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -72,11 +74,20 @@ def _verify_mldsa(alg: str, pk: bytes, msg: bytes, sig: bytes, prehash: Prehash 
         key.verify_mu(sig, hash_mldsa_mu(pk, msg, prehash))
 
 
+def pqclean_hash(prehash: Prehash | None) -> Any:
+    """pqcrypto's pre-hash selector. For ML-DSA, pqcrypto then takes the *digest* as the message."""
+    if prehash is None:
+        return None
+    import pqcrypto
+
+    return pqcrypto.HashAlgorithm.Sha256 if prehash == "sha256" else pqcrypto.HashAlgorithm.Sha512
+
+
 def _verify_slhdsa(alg: str, pk: bytes, msg: bytes, sig: bytes, prehash: Prehash | None) -> None:
     from pqcrypto.sign import slh_dsa_sha2_128f, slh_dsa_sha2_128s
 
     module = slh_dsa_sha2_128s if alg == "SLH-DSA-SHA2-128s" else slh_dsa_sha2_128f
-    module.verify(pk, msg, sig)  # raises on a bad signature
+    module.verify(pk, msg, sig)  # raises on a bad signature; prehash was refused above
 
 
 def _verify_ecdsa(alg: str, pk: bytes, msg: bytes, sig: bytes, prehash: Prehash | None) -> None:

@@ -22,7 +22,8 @@ class KeyPair:
 class PrivateKey(Protocol):
     """A loaded private key: what the KMS keeps in proxy memory between unseal and expiry."""
 
-    alg: str
+    @property
+    def alg(self) -> str: ...
 
     def sign(self, message: bytes, *, prehash: str | None = None) -> bytes: ...
 

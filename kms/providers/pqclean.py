@@ -1,8 +1,8 @@
 """Provider ``pqclean``: the ``pqcrypto`` package (PQClean implementations).
 
 SLH-DSA-SHA2-128s/128f, and ML-DSA / ML-KEM as a fallback. Private keys are the expanded FIPS
-secret keys. HashML-DSA from a bare digest is not offered here (pqcrypto hashes the message
-itself), so ``prehash`` signing goes through ``openssl``.
+secret keys. With ``prehash``, ML-DSA signs the given digest as HashML-DSA through pqcrypto's
+``hash_algorithm`` mode (which takes the digest for ML-DSA); SLH-DSA refuses digests.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from kms.providers.base import BytesPrivateKey, KeyPair, unsupported
-from sdk.crypto import check_prehash
+from sdk.crypto import check_prehash, pqclean_hash
 
 _SIGN = {
     "ML-DSA-44": "ml_dsa_44",
@@ -58,19 +58,15 @@ class PQCleanProvider:
         if alg not in _SIGN:
             raise unsupported(self.name, alg)
         check_prehash(alg, prehash, len(message))
-        if prehash is not None:
-            raise unsupported(self.name, f"{alg} with a pre-hashed digest")
-        return bytes(_module(alg).sign(private_key, message))
+        return bytes(_module(alg).sign(private_key, message, hash_algorithm=pqclean_hash(prehash)))
 
     def verify(self, alg: str, public_key: bytes, message: bytes, signature: bytes, *,
                prehash: str | None = None) -> bool:
         if alg not in _SIGN:
             raise unsupported(self.name, alg)
         check_prehash(alg, prehash, len(message))
-        if prehash is not None:
-            raise unsupported(self.name, f"{alg} with a pre-hashed digest")
         try:
-            _module(alg).verify(public_key, message, signature)
+            _module(alg).verify(public_key, message, signature, hash_algorithm=pqclean_hash(prehash))
         except Exception as exc:
             if type(exc).__name__ == "InvalidSignatureError" or isinstance(exc, ValueError):
                 return False
