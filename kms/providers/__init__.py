@@ -1,6 +1,8 @@
 """Crypto providers behind one interface, looked up by name or by algorithm.
 
-Order of preference: ``openssl`` (default), ``pqclean``, ``liboqs`` (optional).
+Order of preference: ``openssl`` (default), ``pqclean``, ``liboqs`` (optional; only when its
+shared library loads). :func:`provider_for` picks the first available provider that implements an
+algorithm, so a deployment without liboqs (or, one day, with another provider) needs no changes.
 """
 
 from __future__ import annotations
@@ -18,19 +20,21 @@ PROVIDERS: dict[str, Provider] = {
 
 
 def get_provider(name: str) -> Provider:
+    """The provider called ``name`` (available or not); ``crypto.unknown_provider`` otherwise."""
     provider = PROVIDERS.get(name)
     if provider is None:
         raise QaiError("crypto.unknown_provider", f"unknown provider {name!r}", status=400,
-                       details={"providers": sorted(PROVIDERS)})
+                       details={"provider": str(name), "providers": list(PROVIDERS)})
     return provider
 
 
 def available_providers() -> list[str]:
+    """Names of the providers that load on this machine, in order of preference."""
     return [name for name, p in PROVIDERS.items() if p.available()]
 
 
 def provider_for(alg: str, preferred: str | None = None) -> Provider:
-    """The preferred provider if it can do ``alg``, else the first available one that can."""
+    """The preferred provider if it is available and implements ``alg``, else the first that does."""
     get_algorithm(alg)
     if preferred is not None:
         p = get_provider(preferred)
