@@ -18,6 +18,8 @@ import hashlib
 import hmac
 import re
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -151,10 +153,48 @@ def revoke_token(db: Database, token_id: str) -> None:
         if row is None:
             raise QaiError("token.not_found", f"no token {token_id!r}", status=404)
         row.revoked_at = row.revoked_at or utcnow()
+    forget_verified_tokens()
 
 
-def authenticate(db: Database, authorization: str | None, *, bootstrap: str | None = None) -> Principal:
-    """Resolve an ``Authorization: Bearer …`` header to a principal, or raise 401."""
+# token sha256 -> (monotonic expiry of the cache entry, token expiry, principal)
+_verified: dict[str, tuple[float, datetime | None, Principal]] = {}
+_verified_lock = threading.Lock()
+
+
+def forget_verified_tokens() -> None:
+    with _verified_lock:
+        _verified.clear()
+
+
+def authenticate(
+    db: Database,
+    authorization: str | None,
+    *,
+    bootstrap: str | None = None,
+    cache_seconds: float = 0.0,
+) -> Principal:
+    """Resolve an ``Authorization: Bearer …`` header to a principal, or raise 401.
+
+    With ``cache_seconds`` > 0 a verified token is remembered that long, so a hot API does not
+    read the token table on every request; a revocation made by another process then takes
+    effect within ``cache_seconds`` (one made by this process, at once). Expiry is always exact.
+    """
+    if cache_seconds > 0 and authorization:
+        # keyed by database too: one process may serve several (tests do)
+        key = hashlib.sha256(f"{db.url}|{db.schema}|{authorization}".encode()).hexdigest()
+        with _verified_lock:
+            hit = _verified.get(key)
+        if hit is not None and hit[0] > time.monotonic() and (hit[1] is None or hit[1] > utcnow()):
+            return hit[2]
+    principal, expires = _authenticate(db, authorization, bootstrap)
+    if cache_seconds > 0 and authorization:
+        with _verified_lock:
+            _verified[key] = (time.monotonic() + cache_seconds, expires, principal)
+    return principal
+
+
+def _authenticate(db: Database, authorization: str | None,
+                  bootstrap: str | None) -> tuple[Principal, datetime | None]:
     if not authorization:
         raise QaiError("auth.missing_token", "an Authorization: Bearer token is required", status=401)
     scheme, _, token = authorization.partition(" ")
@@ -162,7 +202,7 @@ def authenticate(db: Database, authorization: str | None, *, bootstrap: str | No
     if scheme.lower() != "bearer" or not token:
         raise QaiError("auth.bad_token", "malformed Authorization header", status=401)
     if bootstrap and hmac.compare_digest(token.encode(), bootstrap.encode()):
-        return Principal(subject="bootstrap-admin", role=Role.ADMIN)
+        return Principal(subject="bootstrap-admin", role=Role.ADMIN), None
     parts = token.split("_", 2)
     if len(parts) != 3 or parts[0] != "qai":
         raise QaiError("auth.bad_token", "unknown token", status=401)
@@ -176,4 +216,4 @@ def authenticate(db: Database, authorization: str | None, *, bootstrap: str | No
         raise QaiError("auth.token_revoked", "token has been revoked", status=401)
     if row.expires_at is not None and row.expires_at <= now:
         raise QaiError("auth.token_expired", "token has expired", status=401)
-    return Principal(subject=f"token:{row.token_id}", role=Role(row.role), tenant=row.tenant)
+    return Principal(subject=f"token:{row.token_id}", role=Role(row.role), tenant=row.tenant), row.expires_at

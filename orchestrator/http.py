@@ -116,7 +116,8 @@ def principal(request: Request) -> Principal:
     svc: Services = request.app.state.services
     bootstrap = svc.settings.bootstrap_admin_token
     return authenticate(svc.db, request.headers.get("authorization"),
-                        bootstrap=bootstrap.get_secret_value() if bootstrap else None)
+                        bootstrap=bootstrap.get_secret_value() if bootstrap else None,
+                        cache_seconds=svc.settings.auth_cache_seconds)
 
 
 PrincipalDep = Annotated[Principal, Depends(principal)]

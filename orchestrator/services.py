@@ -36,6 +36,7 @@ def kms_config(settings: Settings) -> KmsConfig:
         max_message_bytes=settings.kms_max_message_bytes,
         unsealed_ttl=settings.kms_unsealed_key_ttl_seconds,
         preferred_provider=settings.crypto_provider,
+        key_cache_seconds=settings.kms_key_cache_seconds,
     )
 
 

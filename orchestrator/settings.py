@@ -72,6 +72,14 @@ class Settings(BaseSettings):
 
     # HTTP
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
+    auth_cache_seconds: float = Field(
+        default=2.0, ge=0,
+        description="How long a verified bearer token is remembered; bounds revocation latency.",
+    )
+    kms_key_cache_seconds: float = Field(
+        default=1.0, ge=0,
+        description="How stale a key's version list may be in another process after a rotation.",
+    )
     bootstrap_admin_token: SecretStr | None = Field(
         default=None, description="If set, a token with this exact value is accepted as admin."
     )

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from orchestrator.app import create_app
-from orchestrator.auth import Role, create_tenant, issue_token
+from orchestrator.auth import Role, create_tenant, issue_token, revoke_token
 from orchestrator.db import Database
 from orchestrator.services import Services, build_services
 from orchestrator.settings import Settings
@@ -96,6 +96,13 @@ def test_auth_errors(server: LiveServer, services: Services) -> None:
         assert r.status_code == 401 and _error(r)["code"] == "auth.token_expired"
         r = c.post("/v1/keys/k/sign", json={"message": MSG}, headers=other)
         assert r.status_code == 403 and _error(r)["code"] == "auth.forbidden"
+        # a verified token is cached, but revoking it takes effect at once
+        issued = issue_token(services.db, role=Role.SIGNER, tenant="org-a")
+        good = {"Authorization": f"Bearer {issued.token}"}
+        assert c.post("/v1/keys/k/sign", json={"message": MSG}, headers=good).status_code == 200
+        revoke_token(services.db, issued.token_id)
+        r = c.post("/v1/keys/k/sign", json={"message": MSG}, headers=good)
+        assert r.status_code == 401 and _error(r)["code"] == "auth.token_revoked"
 
 
 @pytest.mark.parametrize(
