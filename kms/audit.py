@@ -13,8 +13,6 @@ what was signed.
 from __future__ import annotations
 
 import hashlib
-import queue
-import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -25,7 +23,7 @@ from sqlalchemy import Table, insert, select
 from sqlalchemy.orm import Session
 
 from kms.models import KmsAuditRecord
-from orchestrator.db import Database, utcnow
+from orchestrator.db import Database, GroupCommit, utcnow
 from sdk.canonical import canonical_json
 
 GENESIS_HASH = "0" * 64
@@ -88,65 +86,44 @@ def append(session: Session, events: Iterable[AuditEvent], *, at: datetime | Non
 
 
 class AuditWriter:
-    """Group commit for audit records, on a thread of its own.
+    """Group commit for audit records (:class:`orchestrator.db.GroupCommit`).
 
-    ``submit`` queues events and returns a future that resolves once they are committed. The
-    writer takes everything queued at that moment into one transaction, so concurrent signers
-    share commits, and a signer can compute its signature while its record is being written
-    (the KMS writes sign records ahead of the signature and returns nothing before the commit).
+    ``submit`` returns a future that resolves to the chain head once the events are committed, so
+    a signer can compute its signature while its record is being written (the KMS writes sign
+    records ahead of the signature and returns nothing before the commit).
     """
 
     def __init__(self, db: Database, *, max_batch: int = 1000) -> None:
-        self.db = db
-        self.max_batch = max_batch
-        self._queue: queue.Queue[tuple[list[AuditEvent], Future[str]] | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._writer: GroupCommit[AuditEvent, str] = GroupCommit(
+            db, AUDIT_LOCK, self._apply, name="kms-audit-writer", max_batch=max_batch)
+
+    @staticmethod
+    def _apply(session: Session, events: list[AuditEvent]) -> list[str]:
+        head = append(session, events)
+        return [head] * len(events)
 
     def submit(self, events: Iterable[AuditEvent]) -> Future[str]:
-        fut: Future[str] = Future()
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="kms-audit-writer", daemon=True)
-                self._thread.start()
-            self._queue.put((list(events), fut))
-        return fut
+        events = list(events)
+        inner = self._writer.submit(events)
+        outer: Future[str] = Future()
+
+        def done(f: Future[list[str]]) -> None:
+            exc = f.exception()
+            if exc is not None:
+                outer.set_exception(exc)
+            else:
+                heads = f.result()
+                outer.set_result(heads[-1] if heads else "")
+
+        inner.add_done_callback(done)
+        return outer
 
     def write(self, *events: AuditEvent) -> str:
         """Append and wait for the commit."""
         return self.submit(events).result()
 
     def close(self) -> None:
-        with self._lock:
-            if self._thread is not None and self._thread.is_alive():
-                self._queue.put(None)
-                self._thread.join(timeout=30)
-            self._thread = None
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            batch = [item]
-            while len(batch) < self.max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)  # finish this batch, then stop
-                    break
-                batch.append(nxt)
-            try:
-                with self.db.write(lock=AUDIT_LOCK) as session:
-                    head = append(session, [e for events, _ in batch for e in events])
-            except BaseException as exc:
-                for _, fut in batch:
-                    fut.set_exception(exc)
-                continue
-            for _, fut in batch:
-                fut.set_result(head)
+        self._writer.close()
 
 
 @dataclass

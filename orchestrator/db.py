@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
-from collections.abc import Iterator
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import JSON, DateTime, Engine, create_engine, event, text
 from sqlalchemy.dialects.postgresql import JSONB
@@ -164,3 +168,79 @@ def append_only_ddl(table: str, dialect: str) -> list[str]:
         f"CREATE TRIGGER {table}_no_delete BEFORE DELETE ON {table} "
         f"BEGIN SELECT RAISE(ABORT, 'qai: DELETE on append-only table {table} is refused'); END",
     ]
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class GroupCommit(Generic[T, R]):
+    """Group commit on a thread of its own: many callers, one transaction per batch.
+
+    ``submit(items)`` queues items and returns a future of their results. The writer thread takes
+    everything queued at that moment (up to ``max_batch`` items) into one ``db.write(lock=lock)``
+    transaction and calls ``apply(session, items)``, which returns one result per item. A failed
+    batch fails every future in it and commits nothing. Concurrent callers thus share commits,
+    which is what makes hash chains and the ledger fast without giving up their single writer.
+    """
+
+    def __init__(self, db: Database, lock: str, apply: Callable[[Session, list[T]], list[R]], *,
+                 name: str, max_batch: int = 1000) -> None:
+        self.db = db
+        self.lock = lock
+        self.apply = apply
+        self.name = name
+        self.max_batch = max_batch
+        self.after_commit: Callable[[list[R]], None] | None = None
+        self._queue: queue.Queue[tuple[list[T], Future[list[R]]] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, items: Iterable[T]) -> Future[list[R]]:
+        fut: Future[list[R]] = Future()
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+            self._queue.put((list(items), fut))
+        return fut
+
+    def close(self) -> None:
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                self._queue.put(None)
+                self._thread.join(timeout=30)
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch, size = [item], len(item[0])
+            while size < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # finish this batch, then stop
+                    break
+                batch.append(nxt)
+                size += len(nxt[0])
+            try:
+                with self.db.write(lock=self.lock) as session:
+                    results = self.apply(session, [x for items, _ in batch for x in items])
+            except BaseException as exc:
+                for _, fut in batch:
+                    fut.set_exception(exc)
+                continue
+            pos = 0
+            for items, fut in batch:
+                fut.set_result(results[pos:pos + len(items)])
+                pos += len(items)
+            if self.after_commit is not None:
+                try:
+                    self.after_commit(results)
+                except Exception:  # a follow-up (a checkpoint) never fails the committed writes
+                    logging.getLogger(__name__).exception("%s: after-commit hook failed", self.name)

@@ -1,0 +1,206 @@
+"""The object store: signed envelopes, published checkpoints, datasets and models.
+
+Two backends behind one small interface: a local directory (the embedded default, under
+``$QAI_HOME/objects``) and S3/MinIO through boto3 (``QAI_S3_*``). Objects are **write-once** unless
+the caller says ``overwrite=True`` (only "latest" pointers do): writing different bytes to an
+existing key is ``object.exists``, writing the same bytes again is a no-op, so a retried ingest is
+idempotent and nothing can silently replace a ledgered envelope.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol
+
+from orchestrator.settings import Settings
+from sdk.errors import QaiError
+
+_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*$")
+
+
+def check_key(key: str) -> str:
+    if len(key) > 512 or not _KEY.match(key) or ".." in key.split("/"):
+        raise QaiError("object.bad_key", f"invalid object key {key!r}", details={"key": key[:600]})
+    return key
+
+
+def _exists_error(key: str) -> QaiError:
+    return QaiError("object.exists", f"object {key} exists with different content", status=409,
+                    details={"key": key})
+
+
+def _not_found(key: str) -> QaiError:
+    return QaiError("object.not_found", f"no object {key}", status=404, details={"key": key})
+
+
+class ObjectStore(Protocol):
+    def put(self, key: str, data: bytes, *, overwrite: bool = False) -> None: ...
+    def get(self, key: str) -> bytes: ...
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str = "") -> list[str]: ...
+    def ping(self) -> None: ...
+    @property
+    def location(self) -> str: ...
+
+
+class LocalObjectStore:
+    """A directory. Writes go to a temporary file and are renamed into place (atomic on POSIX)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def location(self) -> str:
+        return f"file://{self.root}"
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def put(self, key: str, data: bytes, *, overwrite: bool = False) -> None:
+        path = self._path(key)
+        if not overwrite and path.exists():
+            if path.read_bytes() == data:
+                return
+            raise _exists_error(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                try:
+                    os.link(tmp, path)  # fails if another writer won the race
+                except FileExistsError:
+                    if path.read_bytes() != data:
+                        raise _exists_error(key) from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise _not_found(key) from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        keys = [p.relative_to(self.root).as_posix() for p in self.root.rglob("*")
+                if p.is_file() and not p.name.startswith(".tmp-")]
+        return sorted(k for k in keys if k.startswith(prefix))
+
+    def ping(self) -> None:
+        if not os.access(self.root, os.W_OK):
+            raise QaiError("object.unreachable", "object store directory is not writable", status=503)
+
+
+class S3ObjectStore:
+    """S3 or MinIO. Write-once uses ``If-None-Match: *`` (conditional PUT), so it holds across
+    processes; a store that ignores the header still gets the read-then-compare check."""
+
+    def __init__(self, client: Any, bucket: str, prefix: str = "") -> None:
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+
+    @property
+    def location(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def _key(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    def _error(self, exc: Exception, key: str) -> QaiError:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return _not_found(key)
+        return QaiError("object.unreachable", f"object store error: {code or type(exc).__name__}",
+                        status=503, details={"key": key})
+
+    def put(self, key: str, data: bytes, *, overwrite: bool = False) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Body": data}
+        if not overwrite:
+            if self.exists(key):
+                if self.get(key) == data:
+                    return
+                raise _exists_error(key)
+            args["IfNoneMatch"] = "*"
+        try:
+            self.client.put_object(**args)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                if self.get(key) != data:
+                    raise _exists_error(key) from None
+                return
+            raise self._error(exc, key) from exc
+        except BotoCoreError as exc:
+            raise self._error(exc, key) from exc
+
+    def get(self, key: str) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            body: bytes = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            return body
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, key) from exc
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise self._error(exc, key) from exc
+        except BotoCoreError as exc:
+            raise self._error(exc, key) from exc
+
+    def list(self, prefix: str = "") -> list[str]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        keys: list[str] = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.bucket, Prefix=self.prefix + prefix):
+                keys.extend(o["Key"][len(self.prefix):] for o in page.get("Contents", []))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, prefix) from exc
+        return sorted(keys)
+
+    def ping(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            raise QaiError("object.unreachable", "object store is not reachable", status=503,
+                           details={"bucket": self.bucket}) from exc
+
+
+def make_object_store(settings: Settings) -> ObjectStore:
+    if not settings.s3_bucket:
+        return LocalObjectStore(settings.objects_dir)
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        region_name=settings.s3_region,
+        aws_access_key_id=settings.s3_access_key_id.get_secret_value() if settings.s3_access_key_id else None,
+        aws_secret_access_key=(settings.s3_secret_access_key.get_secret_value()
+                               if settings.s3_secret_access_key else None),
+    )
+    return S3ObjectStore(client, settings.s3_bucket, settings.s3_prefix)
