@@ -16,7 +16,7 @@ from orchestrator.http import BodySizeLimit, ServicesDep, install_error_handlers
 from orchestrator.services import Services, get_services
 from sdk.errors import QaiError
 
-COMPONENTS = ("kms",)
+COMPONENTS = ("kms", "ledger")
 
 health = APIRouter(tags=["health"])
 
@@ -29,7 +29,7 @@ def healthz() -> dict[str, str]:
 @health.get("/readyz")
 def readyz(svc: ServicesDep) -> JSONResponse:
     checks: dict[str, str] = {}
-    for name, probe in (("database", svc.db.ping), ("hsm", svc.hsm.ping)):
+    for name, probe in (("database", svc.db.ping), ("object_store", svc.objects.ping), ("hsm", svc.hsm.ping)):
         try:
             probe()
             checks[name] = "ok"
@@ -45,6 +45,10 @@ def _routers(component: str) -> list[APIRouter]:
         from kms.api import router as kms_router
 
         return [kms_router]
+    if component == "ledger":
+        from orchestrator.ledger_api import router as ledger_router
+
+        return [ledger_router]
     raise QaiError("serve.unknown_component", f"unknown component {component!r}",
                    details={"components": list(COMPONENTS)})
 
@@ -54,6 +58,8 @@ def create_app(services: Services | None = None, components: Sequence[str] = COM
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if getattr(app.state, "services", None) is None:
             app.state.services = get_services()
+        if "ledger" in components:
+            app.state.services.ledger.start()
         yield
 
     app = FastAPI(

@@ -13,6 +13,8 @@ from kms.hsm import Hsm, HsmConfig
 from kms.service import KMS, KmsConfig
 from orchestrator import migrate
 from orchestrator.db import Database
+from orchestrator.ledger import Ledger, LedgerConfig
+from orchestrator.objects import ObjectStore, make_object_store
 from orchestrator.settings import Settings, get_settings
 
 
@@ -40,15 +42,28 @@ def kms_config(settings: Settings) -> KmsConfig:
     )
 
 
+def ledger_config(settings: Settings) -> LedgerConfig:
+    return LedgerConfig(
+        origin=settings.ledger_origin,
+        checkpoint_every=settings.ledger_checkpoint_every,
+        checkpoint_interval=settings.ledger_checkpoint_interval_seconds,
+        key_name=settings.ledger_key_name,
+        suite=settings.ledger_suite,
+    )
+
+
 @dataclass
 class Services:
     settings: Settings
     db: Database
     hsm: Hsm
     kms: KMS
+    objects: ObjectStore
+    ledger: Ledger
     extras: dict[str, object] = field(default_factory=dict)
 
     def close(self) -> None:
+        self.ledger.close()
         self.kms.close()
         self.hsm.close()
         self.db.dispose()
@@ -61,7 +76,10 @@ def build_services(settings: Settings, *, db: Database | None = None, migrate_db
     if migrate_db:
         migrate.upgrade(database)
     hsm = Hsm(hsm_config(settings))
-    return Services(settings=settings, db=database, hsm=hsm, kms=KMS(database, hsm, kms_config(settings)))
+    kms = KMS(database, hsm, kms_config(settings))
+    objects = make_object_store(settings)
+    ledger = Ledger(database, kms, objects, ledger_config(settings))
+    return Services(settings=settings, db=database, hsm=hsm, kms=kms, objects=objects, ledger=ledger)
 
 
 _services: Services | None = None

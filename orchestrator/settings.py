@@ -70,6 +70,15 @@ class Settings(BaseSettings):
     )
     crypto_provider: str | None = Field(default=None, description="Preferred provider name.")
 
+    # Ledger
+    ledger_origin: str = Field(default="qai.local/ledger",
+                               description="The log's origin line in its checkpoints (a schema-less URL).")
+    ledger_checkpoint_every: int = Field(default=1000, ge=1, description="Checkpoint after this many new entries.")
+    ledger_checkpoint_interval_seconds: float = Field(
+        default=10.0, ge=0, description="Checkpoint this often when the log grew (0: only by count).")
+    ledger_key_name: str = "qai.ledger-checkpoint"
+    ledger_suite: str = "ML-DSA-65+ECDSA-P256"
+
     # HTTP
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
     auth_cache_seconds: float = Field(

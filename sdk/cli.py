@@ -11,6 +11,12 @@ app = typer.Typer(name="qai", help="qai: quantum workloads with provable provena
                   no_args_is_help=True, pretty_exceptions_enable=False)
 
 
+def _register_auditor_commands() -> None:
+    from sdk.audit_cli import audit_app
+
+    app.add_typer(audit_app, name="audit")
+
+
 def _register_server_commands() -> None:
     # An auditor may install the sdk alone; the server packages are then simply absent.
     if importlib.util.find_spec("orchestrator") is None:
@@ -18,6 +24,7 @@ def _register_server_commands() -> None:
     importlib.import_module("orchestrator.cli").register(app)
 
 
+_register_auditor_commands()
 _register_server_commands()
 
 

@@ -28,7 +28,7 @@ def services(settings: Settings, pg_db: Database) -> Iterator[Services]:
     create_tenant(svc.db, "org-a")
     create_tenant(svc.db, "org-b")
     yield svc
-    svc.hsm.close()
+    svc.close()
 
 
 @pytest.fixture
@@ -153,7 +153,7 @@ def test_probes(server: LiveServer) -> None:
     with httpx.Client(base_url=server.url) as c:
         assert c.get("/healthz").json() == {"status": "ok"}
         r = c.get("/readyz")
-        assert r.status_code == 200 and r.json()["checks"] == {"database": "ok", "hsm": "ok"}
+        assert r.status_code == 200 and r.json()["checks"] == {"database": "ok", "object_store": "ok", "hsm": "ok"}
         assert c.get("/openapi.json").json()["paths"]["/v1/keys/{name}/sign"]
         r = c.get("/v1/nothing-here")
         assert r.status_code == 404 and _error(r)["code"] == "http.not_found"

@@ -1,0 +1,361 @@
+"""The run ledger: an append-only Merkle log (RFC 9162 §2.1) with signed C2SP checkpoints.
+
+* **Sequencing.** Appends go through a :class:`~orchestrator.db.GroupCommit` writer: everything
+  queued in this process is appended in one transaction under the ``ledger`` writer lock (a
+  PostgreSQL advisory lock; SQLite's write lock), so indices are gapless and unique across threads,
+  workers and processes, and concurrent callers share commits.
+* **Storage.** Entries, every perfect subtree hash (``ledger_nodes``) and checkpoints live in three
+  append-only tables (UPDATE/DELETE refused by triggers on both engines). A proof reads O(log n)
+  stored nodes in one query; nothing ever recomputes the tree.
+* **Checkpoints.** Every ``checkpoint_every`` entries, or every ``checkpoint_interval`` seconds
+  when the log grew, the size and root are signed through the KMS with a hybrid suite and stored,
+  and published to the object store as ``ledger/checkpoint`` (latest) and
+  ``ledger/checkpoints/<size>`` (history).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, LargeBinary, String, Table, Text, func, insert, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from kms.service import KMS
+from orchestrator.auth import Principal, create_tenant
+from orchestrator.db import Base, Database, GroupCommit, UTCDateTime, utcnow
+from orchestrator.objects import ObjectStore
+from sdk import merkle
+from sdk.checkpoint import Checkpoint, SignedCheckpoint, format_note, sign_lines, verify_checkpoint
+from sdk.errors import QaiError
+from sdk.ledger import ENTRY_TYPES, IndexedEntry, LedgerEntry, Receipt, sha256_hex
+from sdk.signing import KeyDocument
+
+log = logging.getLogger(__name__)
+LEDGER_LOCK = "ledger"
+CHECKPOINT_LOCK = "ledger_checkpoint"
+SYSTEM_TENANT = "qai"
+LATEST_KEY = "ledger/checkpoint"
+HISTORY_PREFIX = "ledger/checkpoints/"
+_LEVEL_SHIFT = 48  # node id = level << 48 | index: 2^48 leaves is far beyond any log here
+
+
+class LedgerEntryRow(Base):
+    __tablename__ = "ledger_entries"
+
+    idx: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    entry_type: Mapped[str] = mapped_column(String(40))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    path: Mapped[str] = mapped_column(String(512))
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    leaf_hash: Mapped[str] = mapped_column(String(64), index=True)
+
+
+class LedgerNodeRow(Base):
+    __tablename__ = "ledger_nodes"
+
+    node_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+
+
+class LedgerCheckpointRow(Base):
+    __tablename__ = "ledger_checkpoints"
+
+    size: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    root: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    note: Mapped[str] = mapped_column(Text)
+    key_name: Mapped[str] = mapped_column(String(128))
+    key_version: Mapped[int] = mapped_column(BigInteger)
+
+
+ENTRIES: Table = LedgerEntryRow.__table__  # type: ignore[assignment]
+NODES: Table = LedgerNodeRow.__table__  # type: ignore[assignment]
+
+
+def node_id(node: merkle.Node) -> int:
+    level, index = node
+    return level << _LEVEL_SHIFT | index
+
+
+def _node(nid: int) -> merkle.Node:
+    return nid >> _LEVEL_SHIFT, nid & ((1 << _LEVEL_SHIFT) - 1)
+
+
+def _indexed(row: LedgerEntryRow) -> IndexedEntry:
+    return IndexedEntry(index=row.idx, type=row.entry_type, sha256=row.sha256,  # type: ignore[arg-type]
+                        path=row.path, tenant=row.tenant, time=row.at, leaf=row.leaf_hash)
+
+
+@dataclass(frozen=True)
+class LedgerConfig:
+    origin: str = "qai.local/ledger"
+    checkpoint_every: int = 1000
+    checkpoint_interval: float = 10.0
+    key_name: str = "qai.ledger-checkpoint"
+    suite: str = "ML-DSA-65+ECDSA-P256"
+    max_batch: int = 2000
+
+
+def tree_size(session: Session) -> int:
+    last = session.scalar(select(func.max(LedgerEntryRow.idx)))
+    return 0 if last is None else int(last) + 1
+
+
+def read_nodes(session: Session, nodes: Iterable[merkle.Node]) -> dict[merkle.Node, bytes]:
+    ids = [node_id(n) for n in nodes]
+    if not ids:
+        return {}
+    rows = session.execute(select(LedgerNodeRow.node_id, LedgerNodeRow.hash)
+                           .where(LedgerNodeRow.node_id.in_(ids))).all()
+    found = {_node(i): bytes(h) for i, h in rows}
+    if len(found) != len(ids):
+        raise QaiError("ledger.corrupt", "stored tree nodes are missing", status=500,
+                       details={"missing": len(ids) - len(found)})
+    return found
+
+
+def append_entries(session: Session, entries: Sequence[LedgerEntry]) -> list[IndexedEntry]:
+    """Append ``entries`` in the caller's write transaction, which holds :data:`LEDGER_LOCK`."""
+    size = tree_size(session)
+    frontier = merkle.CompactRange.nodes_for(size)
+    stored = read_nodes(session, frontier)
+    compact = merkle.CompactRange(size, [stored[n] for n in frontier])
+    rows: list[dict[str, Any]] = []
+    nodes: list[dict[str, Any]] = []
+    out: list[IndexedEntry] = []
+    for e in entries:
+        leaf = e.leaf_hash()
+        index = compact.size
+        nodes.extend({"node_id": node_id(n), "hash": h} for n, h in compact.append(leaf))
+        rows.append({"idx": index, "entry_type": e.type, "sha256": e.sha256, "path": e.path,
+                     "tenant": e.tenant, "at": e.time, "leaf_hash": leaf.hex()})
+        out.append(IndexedEntry(index=index, leaf=leaf.hex(), **e.model_dump()))
+    if rows:
+        session.execute(insert(ENTRIES), rows)
+        session.execute(insert(NODES), nodes)
+    return out
+
+
+class Ledger:
+    def __init__(self, db: Database, kms: KMS, objects: ObjectStore, config: LedgerConfig | None = None) -> None:
+        self.db = db
+        self.kms = kms
+        self.objects = objects
+        self.config = config or LedgerConfig()
+        self._writer: GroupCommit[LedgerEntry, IndexedEntry] = GroupCommit(
+            db, LEDGER_LOCK, append_entries, name="ledger-sequencer", max_batch=self.config.max_batch)
+        self._writer.after_commit = self._after_commit
+        self._checkpointed = -1  # size of the last checkpoint this process knows of
+        self._checkpoint_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
+        self._key: KeyDocument | None = None
+
+    # --- appending ------------------------------------------------------------------------------
+
+    def submit(self, entries: Iterable[LedgerEntry]) -> Future[list[IndexedEntry]]:
+        return self._writer.submit(entries)
+
+    def append(self, entries: Iterable[LedgerEntry]) -> list[IndexedEntry]:
+        return self.submit(entries).result()
+
+    def append_object(self, entry_type: str, tenant: str, data: bytes, *, path: str | None = None,
+                      at: datetime | None = None) -> IndexedEntry:
+        """Store ``data`` write-once in the object store, then ledger it. Returns the entry."""
+        if entry_type not in ENTRY_TYPES:
+            raise QaiError("ledger.bad_entry_type", f"unknown entry type {entry_type!r}",
+                           status=422, details={"types": list(ENTRY_TYPES)})
+        digest = sha256_hex(data)
+        key = path or f"ledger/{entry_type}/{digest}"
+        self.objects.put(key, data)
+        entry = LedgerEntry(type=entry_type, sha256=digest, path=key, tenant=tenant,  # type: ignore[arg-type]
+                            time=at or utcnow())
+        return self.append([entry])[0]
+
+    def _after_commit(self, appended: list[IndexedEntry]) -> None:
+        if not appended:
+            return
+        size = appended[-1].index + 1
+        if self._checkpointed < 0:
+            latest = self.latest_checkpoint_row()
+            self._checkpointed = latest.size if latest else 0
+        if size - self._checkpointed >= self.config.checkpoint_every:
+            self.checkpoint()
+
+    # --- reading --------------------------------------------------------------------------------
+
+    def size(self) -> int:
+        with self.db.read() as s:
+            return tree_size(s)
+
+    def entries(self, start: int, end: int) -> list[IndexedEntry]:
+        with self.db.read() as s:
+            rows = s.scalars(select(LedgerEntryRow).where(LedgerEntryRow.idx >= start, LedgerEntryRow.idx < end)
+                             .order_by(LedgerEntryRow.idx))
+            return [_indexed(r) for r in rows]
+
+    def entry(self, index: int) -> IndexedEntry:
+        with self.db.read() as s:
+            row = s.get(LedgerEntryRow, index)
+        if row is None:
+            raise QaiError("ledger.entry_not_found", f"no entry {index}", status=404, details={"index": index})
+        return _indexed(row)
+
+    def index_of(self, leaf_hash_hex: str) -> int:
+        with self.db.read() as s:
+            idx = s.scalar(select(func.min(LedgerEntryRow.idx)).where(LedgerEntryRow.leaf_hash == leaf_hash_hex))
+        if idx is None:
+            raise QaiError("ledger.entry_not_found", "no entry with that leaf hash", status=404,
+                           details={"hash": leaf_hash_hex})
+        return int(idx)
+
+    def _check_size(self, s: Session, size: int) -> None:
+        current = tree_size(s)
+        if not 0 <= size <= current:
+            raise QaiError("ledger.bad_tree_size", f"tree size {size} is not in 0..{current}", status=400,
+                           details={"tree_size": size, "current": current})
+
+    def root(self, size: int) -> bytes:
+        with self.db.read() as s:
+            self._check_size(s, size)
+            return merkle.root_hash(size, read_nodes(s, merkle.range_nodes(0, size)))
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        with self.db.read() as s:
+            self._check_size(s, size)
+            if not 0 <= index < size:
+                raise QaiError("ledger.bad_index", f"entry {index} is not in a tree of size {size}", status=400,
+                               details={"index": index, "tree_size": size})
+            return merkle.inclusion_proof(index, size, read_nodes(s, merkle.inclusion_nodes(index, size)))
+
+    def consistency_proof(self, first: int, second: int) -> list[bytes]:
+        with self.db.read() as s:
+            self._check_size(s, second)
+            if not 0 <= first <= second:
+                raise QaiError("ledger.bad_tree_size", f"first ({first}) must be in 0..second ({second})",
+                               status=400, details={"first": first, "second": second})
+            return merkle.consistency_proof(first, second, read_nodes(s, merkle.consistency_nodes(first, second)))
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def checkpoint_key(self) -> KeyDocument:
+        """The KMS key that signs checkpoints; created on first use in the system tenant."""
+        if self._key is not None:
+            return self._key
+        system = Principal.system("ledger")
+        try:
+            key = self.kms.public_key(self.config.key_name)
+        except QaiError as exc:
+            if exc.code != "kms.key_not_found":
+                raise
+            try:
+                create_tenant(self.db, SYSTEM_TENANT)
+            except QaiError as err:
+                if err.code != "tenant.exists":
+                    raise
+            try:
+                key = self.kms.create_key(self.config.key_name, tenant=SYSTEM_TENANT, suite=self.config.suite,
+                                          principal=system)
+            except QaiError as err:  # another process created it first
+                if err.code != "kms.key_exists":
+                    raise
+                key = self.kms.public_key(self.config.key_name)
+        self._key = key
+        return key
+
+    def latest_checkpoint_row(self) -> LedgerCheckpointRow | None:
+        with self.db.read() as s:
+            return s.scalars(select(LedgerCheckpointRow).order_by(LedgerCheckpointRow.size.desc()).limit(1)).first()
+
+    def latest_checkpoint(self) -> str | None:
+        row = self.latest_checkpoint_row()
+        return row.note if row else None
+
+    def checkpoints(self, since: int = 0, limit: int = 1000) -> list[LedgerCheckpointRow]:
+        with self.db.read() as s:
+            return list(s.scalars(select(LedgerCheckpointRow).where(LedgerCheckpointRow.size >= since)
+                                  .order_by(LedgerCheckpointRow.size).limit(limit)))
+
+    def checkpoint(self) -> SignedCheckpoint | None:
+        """Sign and store a checkpoint of the current tree if it grew since the last one."""
+        with self._checkpoint_lock:
+            with self.db.read() as s:
+                size = tree_size(s)
+                last = s.scalars(select(LedgerCheckpointRow).order_by(LedgerCheckpointRow.size.desc())
+                                 .limit(1)).first()
+                if size == 0 or (last is not None and last.size >= size):
+                    return None
+                root = merkle.root_hash(size, read_nodes(s, merkle.range_nodes(0, size)))
+            key = self.checkpoint_key()
+            # Sign outside any write transaction: the KMS commits its own audit record, and on SQLite
+            # a write transaction held here would block it.
+            cp = Checkpoint(origin=self.config.origin, size=size, root=root, timestamp=utcnow())
+            body = cp.body()
+            bundle = self.kms.sign(key.name, principal=Principal.system("ledger"), message=body)
+            note = format_note(body, sign_lines(bundle, key))
+            with self.db.write(lock=CHECKPOINT_LOCK) as s:
+                newest = s.scalars(select(LedgerCheckpointRow).order_by(LedgerCheckpointRow.size.desc())
+                                   .limit(1)).first()
+                if newest is not None and (newest.size >= size or newest.at > cp.timestamp):
+                    return None  # another process checkpointed meanwhile; sizes and times stay monotonic
+                s.add(LedgerCheckpointRow(size=size, root=root.hex(), at=cp.timestamp, note=note,
+                                          key_name=key.name, key_version=bundle.parts[0].version))
+            self._checkpointed = size
+            self.publish()
+            return SignedCheckpoint(cp, note)
+
+    def publish(self) -> None:
+        """Copy checkpoints to the object store: the latest, and every one into the history."""
+        for row in self.checkpoints(since=max(0, self._published_size() + 1)):
+            self.objects.put(f"{HISTORY_PREFIX}{row.size:020d}", row.note.encode())
+        latest = self.latest_checkpoint()
+        if latest is not None:
+            self.objects.put(LATEST_KEY, latest.encode(), overwrite=True)
+
+    def _published_size(self) -> int:
+        try:
+            note = self.objects.get(LATEST_KEY).decode()
+        except QaiError:
+            return -1
+        return verify_checkpoint(note, self.checkpoint_key()).checkpoint.size
+
+    def receipt(self, index: int) -> Receipt:
+        entry = self.entry(index)
+        row = self.latest_checkpoint_row()
+        if row is None or row.size <= index:
+            return Receipt(index=index, leaf_hash=entry.leaf, entry=entry.entry())
+        proof = self.inclusion_proof(index, row.size)
+        return Receipt(index=index, leaf_hash=entry.leaf, entry=entry.entry(), checkpoint=row.note,
+                       tree_size=row.size, inclusion_proof=[p.hex() for p in proof])
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the timer that checkpoints every ``checkpoint_interval`` seconds when the log grew."""
+        if self._timer is not None or self.config.checkpoint_interval <= 0:
+            return
+        self._stop.clear()
+
+        def run() -> None:
+            while not self._stop.wait(self.config.checkpoint_interval):
+                try:
+                    self.checkpoint()
+                except Exception:
+                    log.exception("ledger checkpoint failed")
+
+        self._timer = threading.Thread(target=run, name="ledger-checkpointer", daemon=True)
+        self._timer.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._timer is not None:
+            self._timer.join(timeout=30)
+            self._timer = None
+        self._writer.close()

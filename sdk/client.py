@@ -1,0 +1,99 @@
+"""HTTP client of the qai API, for SDK users and auditors (httpx; no server imports).
+
+Every non-2xx answer becomes the :class:`~sdk.errors.QaiError` the server raised, with its code.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import httpx
+
+from sdk.errors import QaiError
+from sdk.ledger import Receipt
+from sdk.signing import KeyDocument
+
+
+class Client:
+    def __init__(self, url: str, token: str | None = None, *, timeout: float = 30.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            resp = self.http.request(method, path, **kw)
+        except httpx.TransportError as exc:
+            raise QaiError("client.unreachable", f"cannot reach {self.url}: {type(exc).__name__}", status=503,
+                           details={"url": self.url}) from exc
+        if resp.status_code >= 400:
+            try:
+                body = resp.json()
+            except ValueError:
+                body = resp.text
+            raise QaiError.from_body(body, resp.status_code)
+        return resp
+
+    def get_json(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params={k: v for k, v in params.items() if v is not None}).json()
+
+    # --- keys -----------------------------------------------------------------------------------
+
+    def keys(self) -> list[KeyDocument]:
+        return [KeyDocument.model_validate(k) for k in self.get_json("/v1/keys")]
+
+    # --- ledger ---------------------------------------------------------------------------------
+
+    def ledger_checkpoint(self) -> dict[str, Any] | None:
+        try:
+            out: dict[str, Any] = self.get_json("/v1/ledger/checkpoint")
+            return out
+        except QaiError as exc:
+            if exc.code == "ledger.no_checkpoint":
+                return None
+            raise
+
+    def ledger_checkpoints(self, since: int = 0) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        while True:
+            page = self.get_json("/v1/ledger/checkpoints", since=since)["checkpoints"]
+            out.extend(page)
+            if len(page) < 1000:
+                return out
+            since = page[-1]["tree_size"] + 1
+
+    def ledger_key(self) -> KeyDocument:
+        return KeyDocument.model_validate(self.get_json("/v1/ledger/key"))
+
+    def ledger_entries(self, start: int, end: int, *, objects: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = self.get_json("/v1/ledger/entries", start=start, end=end,
+                                            objects=str(objects).lower())
+        return out
+
+    def ledger_consistency(self, first: int, second: int) -> list[bytes]:
+        body = self.get_json("/v1/ledger/proof/consistency", first=first, second=second)
+        return [bytes.fromhex(p) for p in body["proof"]]
+
+    def ledger_inclusion(self, tree_size: int, *, index: int | None = None, leaf_hash: str | None = None
+                         ) -> dict[str, Any]:
+        out: dict[str, Any] = self.get_json("/v1/ledger/proof/inclusion", tree_size=tree_size, index=index,
+                                            hash=leaf_hash)
+        return out
+
+    def ledger_receipt(self, index: int) -> Receipt:
+        return Receipt.model_validate(self.get_json(f"/v1/ledger/receipt/{index}"))
+
+    def ledger_append(self, entry_type: str, tenant: str, data: bytes) -> Receipt:
+        body = {"type": entry_type, "tenant": tenant, "object": base64.b64encode(data).decode()}
+        return Receipt.model_validate(self.request("POST", "/v1/ledger/entries", json=body).json())
