@@ -235,12 +235,14 @@ class GroupCommit(Generic[T, R]):
                 for _, fut in batch:
                     fut.set_exception(exc)
                 continue
+            # The follow-up runs before the callers resume, so what it does (a checkpoint) is visible
+            # to them; its failure never fails the writes, which are committed.
+            if self.after_commit is not None:
+                try:
+                    self.after_commit(results)
+                except Exception:
+                    logging.getLogger(__name__).exception("%s: after-commit hook failed", self.name)
             pos = 0
             for items, fut in batch:
                 fut.set_result(results[pos:pos + len(items)])
                 pos += len(items)
-            if self.after_commit is not None:
-                try:
-                    self.after_commit(results)
-                except Exception:  # a follow-up (a checkpoint) never fails the committed writes
-                    logging.getLogger(__name__).exception("%s: after-commit hook failed", self.name)

@@ -1,0 +1,214 @@
+"""The run ledger on SQLite and PostgreSQL: appends, proofs, checkpoints, receipts, REST and audit."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+
+from orchestrator.app import create_app
+from orchestrator.auth import Role, issue_token
+from orchestrator.db import Database
+from orchestrator.ledger import HISTORY_PREFIX, LATEST_KEY
+from orchestrator.services import Services
+from orchestrator.settings import Settings
+from sdk import merkle
+from sdk.audit import BundleSource, ServerSource, audit, export_bundle
+from sdk.checkpoint import Checkpoint, verify_checkpoint
+from sdk.client import Client
+from sdk.errors import QaiError, VerificationError
+from sdk.ledger import LedgerEntry, verify_receipt
+from tests.conftest import LiveServer
+from tests.ledger_helpers import ledger_services, signed_envelopes, trusted_keys
+
+
+@pytest.fixture
+def svc(settings: Settings, db: Database) -> Iterator[Services]:
+    yield from ledger_services(settings, db)
+
+
+def _fill(svc: Services, n: int, tenant: str = "org-a") -> list[int]:
+    envs = signed_envelopes(svc.kms, f"{tenant}.manifests", tenant, n)
+    return [svc.ledger.append_object("run-manifest", tenant, e).index for e in envs]
+
+
+def test_appends_are_gapless_and_proofs_verify_against_signed_checkpoints(svc: Services) -> None:
+    assert _fill(svc, 37) == list(range(37))
+    svc.ledger.checkpoint()  # 37 is not a multiple of 10: cover the tail explicitly
+    key = svc.ledger.checkpoint_key()
+    notes = [r.note for r in svc.ledger.checkpoints()]
+    sizes = [verify_checkpoint(n, key).checkpoint.size for n in notes]
+    assert sizes == [10, 20, 30, 37]  # every checkpoint_every entries, plus the forced one
+    leaves = [bytes.fromhex(e.leaf) for e in svc.ledger.entries(0, 37)]
+    for note in notes:
+        cp = verify_checkpoint(note, key, origin="qai.local/ledger").checkpoint
+        assert cp.root == merkle.root_from_leaves(leaves[:cp.size])
+        for i in range(cp.size):
+            merkle.verify_inclusion(i, cp.size, leaves[i], svc.ledger.inclusion_proof(i, cp.size), cp.root)
+    for a in range(0, 38):
+        for b in (a, 20, 37):
+            if a <= b:
+                merkle.verify_consistency(a, b, merkle.root_from_leaves(leaves[:a]),
+                                          merkle.root_from_leaves(leaves[:b]), svc.ledger.consistency_proof(a, b))
+
+
+def test_entry_bytes_and_time_round_trip_exactly(svc: Services) -> None:
+    _fill(svc, 3)
+    for e in svc.ledger.entries(0, 3):
+        assert e.entry().leaf_hash().hex() == e.leaf
+        assert svc.ledger.objects.get(e.path).startswith(b'{"payload"')
+
+
+@pytest.mark.parametrize("table", ["ledger_entries", "ledger_nodes", "ledger_checkpoints"])
+def test_ledger_tables_refuse_update_and_delete(svc: Services, table: str) -> None:
+    _fill(svc, 10)
+    for stmt in (f"UPDATE {table} SET {'idx' if table == 'ledger_entries' else 'size' if table == 'ledger_checkpoints' else 'node_id'} = 999999",  # noqa: E501
+                 f"DELETE FROM {table}"):
+        with pytest.raises(DBAPIError) as err, svc.db.write() as s:
+            s.execute(text(stmt))
+        assert "append-only" in str(err.value)
+    assert svc.ledger.size() == 10
+
+
+def test_checkpoints_are_published_to_the_object_store(svc: Services) -> None:
+    _fill(svc, 25)
+    key = svc.ledger.checkpoint_key()
+    history = svc.objects.list(HISTORY_PREFIX)
+    assert [verify_checkpoint(svc.objects.get(k).decode(), key).checkpoint.size for k in history] == [10, 20]
+    assert svc.objects.get(LATEST_KEY).decode() == svc.ledger.latest_checkpoint()
+
+
+def test_checkpoint_signature_covers_every_field(svc: Services) -> None:
+    _fill(svc, 10)
+    key = svc.ledger.checkpoint_key()
+    note = svc.ledger.latest_checkpoint()
+    assert note is not None
+    body, _, sigs = note.partition("\n\n")
+    assert sigs.count("\u2014 qai.ledger-checkpoint@1/") == 2  # one line per hybrid part
+    lines = body.split("\n")
+    cp = Checkpoint.parse_body((body + "\n").encode())
+    forged = [
+        note.replace(f"\n{cp.size}\n", f"\n{cp.size + 1}\n", 1),
+        note.replace(lines[2], base64.b64encode(b"\x00" * 32).decode(), 1),
+        note.replace(lines[0], "evil.example/ledger", 1),
+        note.replace(lines[3], "timestamp 2020-01-01T00:00:00.000000Z", 1),
+    ]
+    for bad in forged:
+        with pytest.raises(QaiError):
+            verify_checkpoint(bad, key)
+    # dropping the in-HSM classical signature line is a downgrade, not a pass
+    ml_dsa_only = "\n".join(line for line in note.split("\n") if "/ECDSA-P256" not in line)
+    with pytest.raises(VerificationError) as err:
+        verify_checkpoint(ml_dsa_only, key)
+    assert err.value.code == "checkpoint.bad_signature"
+
+
+def test_receipts(svc: Services) -> None:
+    _fill(svc, 12)
+    key = svc.ledger.checkpoint_key()
+    pending = svc.ledger.receipt(11)
+    assert not pending.complete
+    with pytest.raises(VerificationError) as err:
+        verify_receipt(pending, key)
+    assert err.value.code == "receipt.pending"
+    done = svc.ledger.receipt(3)
+    assert verify_receipt(done, key).checkpoint.size == 10
+    other = svc.ledger.entry(4).entry()
+    with pytest.raises(VerificationError):
+        verify_receipt(done.model_copy(update={"entry": other}), key)
+    with pytest.raises(VerificationError):
+        verify_receipt(done.model_copy(update={"index": 4}), key)
+
+
+def test_bad_sizes_and_indices_have_codes(svc: Services) -> None:
+    _fill(svc, 5)
+    cases = [
+        (lambda: svc.ledger.inclusion_proof(5, 5), "ledger.bad_index"),
+        (lambda: svc.ledger.inclusion_proof(0, 6), "ledger.bad_tree_size"),
+        (lambda: svc.ledger.consistency_proof(4, 3), "ledger.bad_tree_size"),
+        (lambda: svc.ledger.entry(99), "ledger.entry_not_found"),
+        (lambda: svc.ledger.append_object("nonsense", "org-a", b"x"), "ledger.bad_entry_type"),
+    ]
+    for call, code in cases:
+        with pytest.raises(QaiError) as err:
+            call()
+        assert err.value.code == code
+    assert svc.ledger.size() == 5
+
+
+def test_rest_append_receipt_proofs_and_audit(svc: Services, tmp_path: Path) -> None:
+    auditor = issue_token(svc.db, role=Role.AUDITOR, tenant=None).token
+    submitter = issue_token(svc.db, role=Role.SUBMITTER, tenant="org-a").token
+    envs = signed_envelopes(svc.kms, "org-a.manifests", "org-a", 10)
+    with LiveServer(create_app(svc)) as srv, Client(srv.url, submitter) as c, Client(srv.url, auditor) as a:
+        receipts = [c.ledger_append("run-manifest", "org-a", e) for e in envs]
+        assert [r.index for r in receipts] == list(range(10))
+        assert receipts[-1].complete  # the 10th append triggered a checkpoint that covers it
+        key = a.ledger_key()
+        verify_receipt(receipts[-1], key)
+        verify_receipt(a.ledger_receipt(0), key)
+        incl = a.ledger_inclusion(10, leaf_hash=receipts[4].leaf_hash)
+        assert incl["index"] == 4
+        # bad input: nothing is ledgered
+        tampered = json.loads(envs[0])
+        tampered["payload"] = base64.b64encode(b'{"job": 666}').decode()
+        bad_cases = [
+            (lambda: c.ledger_append("run-manifest", "org-a", json.dumps(tampered).encode()), "signature.invalid"),
+            (lambda: c.ledger_append("run-manifest", "org-a", b"not json"), "dsse.malformed"),
+            (lambda: c.ledger_append("run-manifest", "org-b", envs[0]), "auth.forbidden"),
+            (lambda: c.ledger_append("no-such-type", "org-a", envs[0]), "request.invalid"),
+            (lambda: c.ledger_entries(0, 5), "auth.forbidden"),
+            (lambda: a.ledger_consistency(5, 4), "ledger.bad_tree_size"),
+            (lambda: a.ledger_inclusion(11, index=0), "ledger.bad_tree_size"),
+        ]
+        for call, code in bad_cases:
+            with pytest.raises(QaiError) as err:
+                call()
+            assert err.value.code == code
+        other = issue_token(svc.db, role=Role.SUBMITTER, tenant="org-b").token
+        with Client(srv.url, other) as b, pytest.raises(QaiError) as err:
+            b.ledger_append("run-manifest", "org-b", envs[0])  # org-a's key, ledgered for org-b
+        assert err.value.code == "ledger.wrong_tenant"
+        assert svc.ledger.size() == 10
+
+        server_report = audit(ServerSource(a), trusted_keys=trusted_keys(svc), workers=1)
+        assert server_report.ok, server_report.failures
+        assert server_report.entries == 10 and server_report.signatures_verified == 10
+        assert export_bundle(ServerSource(a), tmp_path / "bundle") == 10
+    report = audit(BundleSource(tmp_path / "bundle"), trusted_keys=trusted_keys(svc), workers=2)
+    assert report.ok and report.checkpoints == 1 and report.uncovered == 0
+
+
+def test_audit_reports_uncovered_entries_as_a_warning(svc: Services) -> None:
+    _fill(svc, 13)
+    auditor = issue_token(svc.db, role=Role.AUDITOR, tenant=None).token
+    with LiveServer(create_app(svc)) as srv, Client(srv.url, auditor) as a:
+        report = audit(ServerSource(a), trusted_keys=trusted_keys(svc), workers=1)
+    assert report.ok and report.uncovered == 3
+    assert any("not covered" in w for w in report.warnings)
+
+
+def test_entries_of_one_tenant_cannot_claim_another(svc: Services) -> None:
+    env = signed_envelopes(svc.kms, "org-a.manifests", "org-a", 1)[0]
+    e = svc.ledger.append_object("run-manifest", "org-b", env)  # the service trusts its callers
+    from sdk.audit import check_entry
+
+    failure = check_entry(e, env, trusted_keys(svc))
+    assert failure is not None and failure.code == "entry.wrong_tenant"
+
+
+def test_ledger_entry_model_rejects_bad_fields() -> None:
+    from datetime import datetime
+
+    from pydantic import ValidationError
+
+    good = {"type": "dataset", "sha256": "a" * 64, "path": "p", "tenant": "t", "time": "2026-01-01T00:00:00Z"}
+    LedgerEntry.model_validate(good)
+    for bad in ({"sha256": "A" * 64}, {"type": "x"}, {"time": datetime(2026, 1, 1)}, {"path": ""}):
+        with pytest.raises(ValidationError):
+            LedgerEntry.model_validate({**good, **bad})
