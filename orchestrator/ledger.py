@@ -314,7 +314,17 @@ class Ledger:
     def publish(self) -> None:
         """Copy checkpoints to the object store: the latest, and every one into the history."""
         for row in self.checkpoints(since=max(0, self._published_size() + 1)):
-            self.objects.put(f"{HISTORY_PREFIX}{row.size:020d}", row.note.encode())
+            try:
+                self.objects.put(f"{HISTORY_PREFIX}{row.size:020d}", row.note.encode())
+            except QaiError as exc:
+                if exc.code != "object.exists":
+                    raise
+                # The write-once history already holds another checkpoint of this size: the DB was
+                # rolled back or forked behind the ledger's back. Never paper over it.
+                log.critical("ledger fork: published checkpoint %d differs from the database's", row.size)
+                raise QaiError("ledger.fork_detected", f"published checkpoint {row.size} differs from the "
+                               "database's: the log was rolled back or forked", status=500,
+                               details={"tree_size": row.size}) from exc
         latest = self.latest_checkpoint()
         if latest is not None:
             self.objects.put(LATEST_KEY, latest.encode(), overwrite=True)
