@@ -39,10 +39,11 @@ def services() -> Services:
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 tenants_app = typer.Typer(help="Tenants.", no_args_is_help=True)
 tokens_app = typer.Typer(help="API bearer tokens.", no_args_is_help=True)
+ledger_app = typer.Typer(help="The run ledger (server side; auditors use `qai audit`).", no_args_is_help=True)
 
 
 def serve(
-    component: Annotated[str, typer.Argument(help="all, or one of: kms")] = "all",
+    component: Annotated[str, typer.Argument(help="all, or one of: kms, ledger")] = "all",
     host: str = "127.0.0.1",
     port: int = 8000,
     workers: int = 1,
@@ -126,6 +127,36 @@ def tokens_revoke(token_id: str, as_json: JsonFlag = False) -> None:
     print_json({"revoked": token_id}) if as_json else console.print(f"token {token_id} revoked")
 
 
+@ledger_app.command("status")
+def ledger_status(as_json: JsonFlag = False) -> None:
+    """Tree size and the latest signed checkpoint."""
+    with cli_errors(as_json):
+        ledger = services().ledger
+        size, row = ledger.size(), ledger.latest_checkpoint_row()
+    out = {"tree_size": size, "checkpoint_size": row.size if row else None, "root": row.root if row else None,
+           "checkpoint_time": row.at if row else None, "uncovered": size - (row.size if row else 0)}
+    if as_json:
+        print_json(out)
+    else:
+        table("ledger", ["tree size", "checkpoint size", "root", "checkpoint time", "uncovered"],
+              [[out["tree_size"], out["checkpoint_size"], out["root"], out["checkpoint_time"], out["uncovered"]]])
+
+
+@ledger_app.command("checkpoint")
+def ledger_checkpoint(as_json: JsonFlag = False) -> None:
+    """Sign a checkpoint now if the log grew since the last one, and publish it."""
+    with cli_errors(as_json):
+        cp = services().ledger.checkpoint()
+    out = {"created": cp is not None, "tree_size": cp.checkpoint.size if cp else None,
+           "note": cp.note if cp else None}
+    if as_json:
+        print_json(out)
+    elif cp is None:
+        console.print("no new entries since the last checkpoint")
+    else:
+        console.print(cp.note, markup=False)
+
+
 def demo(as_json: JsonFlag = False) -> None:
     """Run the end-to-end demo on the embedded default (make demo)."""
     from orchestrator.demo import run_demo
@@ -143,4 +174,5 @@ def register(app: typer.Typer) -> None:
     app.add_typer(tokens_app, name="tokens")
     app.add_typer(keys_app, name="keys")
     app.add_typer(kms_app, name="kms")
+    app.add_typer(ledger_app, name="ledger")
     app.command("demo")(demo)

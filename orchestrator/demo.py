@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -20,13 +25,18 @@ from kms.cli import run_selftest
 from orchestrator.app import create_app
 from orchestrator.auth import Principal, Role, create_tenant, issue_token
 from orchestrator.services import Services
+from sdk.audit import ServerSource, export_bundle
 from sdk.canonical import canonical_json
+from sdk.client import Client
+from sdk.dsse import envelope_from_bundle, pae
 from sdk.errors import QaiError
+from sdk.ledger import verify_receipt
 from sdk.output import console, print_json, table
 from sdk.signing import KeyDocument, SignatureBundle, verify_bundle
 
 TENANT = "demo-org"
 KEY = "demo-org.manifest"
+PAYLOAD_TYPE = "application/vnd.qai.run-manifest+json"
 
 
 def _step(n: int, title: str, quiet: bool) -> None:
@@ -76,24 +86,11 @@ def run_demo(svc: Services, *, as_json: bool = False) -> dict[str, Any]:
                 "crypto_mode": "hybrid", "em_method": "zne-richardson", "shots": 4000}
     payload = canonical_json(manifest)
     token = issue_token(svc.db, role=Role.SIGNER, tenant=TENANT, label="demo").token
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(svc), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}",
-                          headers={"Authorization": f"Bearer {token}"}) as client:
-            resp = client.post(f"/v1/keys/{KEY}/sign",
-                               json={"message": base64.b64encode(payload).decode()})
-            resp.raise_for_status()
-            bundle = SignatureBundle.model_validate(resp.json())
-            key_doc = KeyDocument.model_validate(client.get(f"/v1/keys/{KEY}").json())
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with _serve(svc) as url, httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as client:
+        resp = client.post(f"/v1/keys/{KEY}/sign", json={"message": base64.b64encode(payload).decode()})
+        resp.raise_for_status()
+        bundle = SignatureBundle.model_validate(resp.json())
+        key_doc = KeyDocument.model_validate(client.get(f"/v1/keys/{KEY}").json())
     out["signature"] = [{"keyid": p.keyid, "bytes": len(base64.b64decode(p.signature))} for p in bundle.parts]
     if not quiet:
         console.print(f"  manifest (RFC 8785): {payload.decode()}")
@@ -126,9 +123,80 @@ def run_demo(svc: Services, *, as_json: bool = False) -> dict[str, Any]:
     if not quiet:
         state = "[green]OK[/]" if report.ok else f"[red]BROKEN[/] {report.first_break}"
         console.print(f"  audit chain {state}: {report.records} records, head {report.head[:16]}…")
-    if as_json:
-        print_json(out)
     if not report.ok:
         raise QaiError("audit.chain_broken", "the KMS audit chain does not verify", status=500,
                        details=report.first_break or {})
+
+    _step(7, "Ledger: append signed DSSE envelopes over REST, checkpoint, verify a receipt offline", quiet)
+    submitter = issue_token(svc.db, role=Role.SUBMITTER, tenant=TENANT, label="demo").token
+    auditor = issue_token(svc.db, role=Role.AUDITOR, tenant=None, label="demo-auditor").token
+    with _serve(svc) as url, Client(url, submitter) as client:
+        receipts = []
+        for shots in (1000, 2000, 4000):
+            body = canonical_json({**manifest, "shots": shots})
+            signed = svc.kms.sign(KEY, principal=Principal(subject="demo", role=Role.SIGNER, tenant=TENANT),
+                                  message=pae(PAYLOAD_TYPE, body))
+            envelope = envelope_from_bundle(PAYLOAD_TYPE, body, signed)
+            receipts.append(client.ledger_append("run-manifest", TENANT, envelope.to_bytes()))
+        svc.ledger.checkpoint()
+        with Client(url, auditor) as audit_client:
+            receipt = audit_client.ledger_receipt(receipts[-1].index)
+            ledger_key = audit_client.ledger_key()
+            cp = verify_receipt(receipt, ledger_key)
+            bundle_dir = svc.settings.home / "audit-bundle"
+            if bundle_dir.exists():
+                shutil.rmtree(bundle_dir)
+            exported = export_bundle(ServerSource(audit_client), bundle_dir)
+            keys_file = svc.settings.home / "trusted-keys.json"
+            keys_file.write_text(json.dumps([k.model_dump(mode="json") for k in audit_client.list_keys()], indent=1))
+    out["ledger"] = {"appended": [r.index for r in receipts], "checkpoint_size": cp.checkpoint.size,
+                     "root": cp.checkpoint.root.hex(), "receipt_verified": True, "bundle": str(bundle_dir),
+                     "bundle_entries": exported}
+    if not quiet:
+        console.print(f"  appended entries {out['ledger']['appended']}; checkpoint of size {cp.checkpoint.size}")
+        console.print("  signed checkpoint (C2SP signed note):")
+        for line in cp.note.rstrip("\n").split("\n"):
+            console.print(f"    {line[:90]}{'…' if len(line) > 90 else ''}", markup=False)
+        console.print(f"  [green]receipt of entry {receipt.index} verified offline[/] (leaf, checkpoint, inclusion)")
+        console.print(f"  exported {exported} entries to {bundle_dir}")
+
+    _step(8, "Offline audit of the exported bundle: qai audit verify --bundle", quiet)
+    cmd = [sys.executable, "-m", "sdk.cli", "audit", "verify", "--bundle", str(bundle_dir),
+           "--keys", str(keys_file), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    try:
+        verdict = json.loads(proc.stdout)
+    except ValueError as exc:
+        raise QaiError("demo.audit_failed", f"qai audit verify failed: {proc.stderr[-500:]}", status=500) from exc
+    out["ledger_audit"] = {"command": " ".join(["qai", *cmd[3:-1]]), "ok": verdict["ok"],
+                           "entries": verdict["entries"], "signatures_verified": verdict["signatures_verified"],
+                           "checkpoints": verdict["checkpoints"]}
+    if not quiet:
+        console.print(f"  $ {out['ledger_audit']['command']}")
+        state = "[green]PASS[/]" if verdict["ok"] else f"[red]FAIL[/] {verdict['first_failure']}"
+        console.print(f"  {state}: {verdict['entries']} entries, {verdict['signatures_verified']} envelope "
+                      f"signatures, {verdict['checkpoints']} checkpoints, root {verdict['root']}")
+    if as_json:
+        print_json(out)
+    if proc.returncode != 0 or not verdict["ok"]:
+        raise QaiError("demo.audit_failed", "the exported ledger does not verify", status=500,
+                       details={"first_failure": verdict.get("first_failure")})
     return out
+
+
+@contextmanager
+def _serve(svc: Services) -> Iterator[str]:
+    """A real uvicorn server on a free loopback port for the duration of a step."""
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(svc), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise QaiError("demo.server_failed", "the demo server did not start", status=500)
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -114,7 +114,7 @@ class ServerSource:
         return None
 
     def keys(self) -> dict[str, KeyDocument]:
-        keys = {k.name: k for k in self.client.keys()}  # noqa: SIM118  (a method, not a dict)
+        keys = {k.name: k for k in self.client.list_keys()}
         try:
             ledger_key = self.client.ledger_key()
             keys[ledger_key.name] = ledger_key

@@ -50,7 +50,7 @@ class Client:
 
     # --- keys -----------------------------------------------------------------------------------
 
-    def keys(self) -> list[KeyDocument]:
+    def list_keys(self) -> list[KeyDocument]:
         return [KeyDocument.model_validate(k) for k in self.get_json("/v1/keys")]
 
     # --- ledger ---------------------------------------------------------------------------------

@@ -80,5 +80,31 @@ def test_tokens_and_help(qai) -> None:  # type: ignore[no-untyped-def]
     assert issued["token"].startswith("qai_") and issued["role"] == "signer"
     assert _json(qai("tokens", "revoke", issued["token_id"], "--json")) == {"revoked": issued["token_id"]}
     helptext = qai("--help").stdout
-    for cmd in ("serve", "keys", "kms", "tenants", "tokens", "demo", "db"):
+    for cmd in ("serve", "keys", "kms", "tenants", "tokens", "demo", "db", "ledger", "audit"):
         assert cmd in helptext
+
+
+def test_demo_ends_with_an_offline_audit_of_its_ledger(qai) -> None:  # type: ignore[no-untyped-def]
+    out = _json(qai("demo", "--json"))
+    assert out["offline_verify"]["tampered"].startswith("rejected")
+    assert out["ledger"]["receipt_verified"] and out["ledger"]["checkpoint_size"] == 3
+    audit = out["ledger_audit"]
+    assert audit["ok"] and audit["entries"] == 3 and audit["signatures_verified"] == 3
+    assert "--bundle" in audit["command"]
+    status = _json(qai("ledger", "status", "--json"))
+    assert status["tree_size"] == 3 and status["uncovered"] == 0
+    assert _json(qai("ledger", "checkpoint", "--json"))["created"] is False
+
+
+def test_audit_verify_fails_on_a_tampered_bundle(qai, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    qai("demo", "--json")
+    bundle = tmp_path / ".qai" / "audit-bundle"
+    keys = tmp_path / ".qai" / "trusted-keys.json"
+    lines = (bundle / "entries.jsonl").read_text().splitlines()
+    row = json.loads(lines[1])
+    row["tenant"] = "someone-else"
+    lines[1] = json.dumps(row)
+    (bundle / "entries.jsonl").write_text("\n".join(lines) + "\n")
+    proc = qai("audit", "verify", "--bundle", str(bundle), "--keys", str(keys), ok=False)
+    assert proc.returncode == 1
+    assert "first failure" in proc.stdout and "entry 1" in proc.stdout
