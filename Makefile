@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := softhsm2 opensc
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup system-packages services demo test lint typecheck bench clean
+.PHONY: setup system-packages services demo test lint typecheck bench bench-kms bench-ledger clean
 
 setup: system-packages $(STAMP)
 
@@ -59,9 +59,14 @@ lint:
 typecheck:
 	$(VENV)/bin/mypy
 
-bench: setup services
+bench: bench-kms bench-ledger
+
+bench-kms: setup services
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }
 	$(PY) bench/kms_bench.py
+
+bench-ledger: setup services
+	$(PY) bench/ledger_bench.py
 
 clean:
 	rm -rf .qai

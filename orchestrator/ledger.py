@@ -123,24 +123,35 @@ def read_nodes(session: Session, nodes: Iterable[merkle.Node]) -> dict[merkle.No
 
 def append_entries(session: Session, entries: Sequence[LedgerEntry]) -> list[IndexedEntry]:
     """Append ``entries`` in the caller's write transaction, which holds :data:`LEDGER_LOCK`."""
+    return _append(session, entries, None)[0]
+
+
+def _append(session: Session, entries: Sequence[LedgerEntry], frontier: merkle.CompactRange | None
+            ) -> tuple[list[IndexedEntry], merkle.CompactRange]:
+    """Append and return the new compact range. ``frontier``, this process's compact range after
+    its previous batch, is used only when no other writer appended since (same size): that saves
+    reading it back from the node table."""
     size = tree_size(session)
-    frontier = merkle.CompactRange.nodes_for(size)
-    stored = read_nodes(session, frontier)
-    compact = merkle.CompactRange(size, [stored[n] for n in frontier])
+    if frontier is not None and frontier.size == size:
+        compact = merkle.CompactRange(size, list(frontier.hashes))
+    else:
+        nodes = merkle.CompactRange.nodes_for(size)
+        stored = read_nodes(session, nodes)
+        compact = merkle.CompactRange(size, [stored[n] for n in nodes])
     rows: list[dict[str, Any]] = []
-    nodes: list[dict[str, Any]] = []
+    node_rows: list[dict[str, Any]] = []
     out: list[IndexedEntry] = []
     for e in entries:
         leaf = e.leaf_hash()
         index = compact.size
-        nodes.extend({"node_id": node_id(n), "hash": h} for n, h in compact.append(leaf))
+        node_rows.extend({"node_id": node_id(n), "hash": h} for n, h in compact.append(leaf))
         rows.append({"idx": index, "entry_type": e.type, "sha256": e.sha256, "path": e.path,
                      "tenant": e.tenant, "at": e.time, "leaf_hash": leaf.hex()})
-        out.append(IndexedEntry(index=index, leaf=leaf.hex(), **e.model_dump()))
+        out.append(IndexedEntry.model_construct(index=index, leaf=leaf.hex(), **dict(e)))  # e is validated
     if rows:
         session.execute(insert(ENTRIES), rows)
-        session.execute(insert(NODES), nodes)
-    return out
+        session.execute(insert(NODES), node_rows)
+    return out, compact
 
 
 class Ledger:
@@ -150,7 +161,9 @@ class Ledger:
         self.objects = objects
         self.config = config or LedgerConfig()
         self._writer: GroupCommit[LedgerEntry, IndexedEntry] = GroupCommit(
-            db, LEDGER_LOCK, append_entries, name="ledger-sequencer", max_batch=self.config.max_batch)
+            db, LEDGER_LOCK, self._apply, name="ledger-sequencer", max_batch=self.config.max_batch)
+        self._frontier: merkle.CompactRange | None = None  # after the last committed batch
+        self._pending: merkle.CompactRange | None = None
         self._writer.after_commit = self._after_commit
         self._checkpointed = -1  # size of the last checkpoint this process knows of
         self._checkpoint_lock = threading.Lock()
@@ -179,7 +192,13 @@ class Ledger:
                             time=at or utcnow())
         return self.append([entry])[0]
 
+    def _apply(self, session: Session, entries: list[LedgerEntry]) -> list[IndexedEntry]:
+        out, self._pending = _append(session, entries, self._frontier)
+        return out
+
     def _after_commit(self, appended: list[IndexedEntry]) -> None:
+        # Adopted only after the commit: a rolled-back batch must not leave a frontier ahead of the DB.
+        self._frontier = self._pending
         if not appended:
             return
         size = appended[-1].index + 1
@@ -228,12 +247,16 @@ class Ledger:
             return merkle.root_hash(size, read_nodes(s, merkle.range_nodes(0, size)))
 
     def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        if not 0 <= index < size:
+            raise QaiError("ledger.bad_index", f"entry {index} is not in a tree of size {size}", status=400,
+                           details={"index": index, "tree_size": size})
         with self.db.read() as s:
-            self._check_size(s, size)
-            if not 0 <= index < size:
-                raise QaiError("ledger.bad_index", f"entry {index} is not in a tree of size {size}", status=400,
-                               details={"index": index, "tree_size": size})
-            return merkle.inclusion_proof(index, size, read_nodes(s, merkle.inclusion_nodes(index, size)))
+            try:  # one query on the hot path; the size is only checked when nodes are missing
+                nodes = read_nodes(s, merkle.inclusion_nodes(index, size))
+            except QaiError:
+                self._check_size(s, size)
+                raise
+            return merkle.inclusion_proof(index, size, nodes)
 
     def consistency_proof(self, first: int, second: int) -> list[bytes]:
         with self.db.read() as s:

@@ -114,7 +114,8 @@ def _restore(w: World) -> None:
     shutil.rmtree(w.objects)
     shutil.copytree(w.pristine_objects, w.objects)
     w.state_file.write_text(w.pristine_state)
-    w.svc.ledger._checkpointed = -1
+    w.svc.ledger._checkpointed = -1  # the process's caches of the log it was running, as after a restart
+    w.svc.ledger._frontier = None
 
 
 def _verify(w: World, *, state: bool = True, bundle: Path | None = None) -> tuple[int, dict[str, Any]]:
