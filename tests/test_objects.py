@@ -1,0 +1,128 @@
+"""The object store on both backends: a local directory and S3 over real HTTP (moto's server)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+from pydantic import SecretStr
+
+from orchestrator.db import Database
+from orchestrator.objects import LocalObjectStore, ObjectStore, S3ObjectStore, make_object_store
+from orchestrator.services import Services
+from orchestrator.settings import Settings
+from sdk.checkpoint import verify_checkpoint
+from sdk.errors import QaiError
+from tests.ledger_helpers import ledger_services, signed_envelopes
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def _s3_settings(base: Settings, endpoint: str, bucket: str) -> Settings:
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test",
+                          aws_secret_access_key="test")
+    client.create_bucket(Bucket=bucket)
+    return base.model_copy(update={"s3_bucket": bucket, "s3_endpoint_url": endpoint, "s3_prefix": "qai",
+                                   "s3_access_key_id": SecretStr("test"),
+                                   "s3_secret_access_key": SecretStr("test")})
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path, settings: Settings) -> ObjectStore:
+    if request.param == "local":
+        return LocalObjectStore(tmp_path / "objects")
+    endpoint = request.getfixturevalue("s3_endpoint")
+    s = make_object_store(_s3_settings(settings, endpoint, f"qai-{tmp_path.name[-20:].lower().replace('_', '-')}"))
+    assert isinstance(s, S3ObjectStore)
+    return s
+
+
+def test_put_get_list_exists(store: ObjectStore) -> None:
+    store.ping()
+    store.put("ledger/run-manifest/aa", b"one")
+    store.put("ledger/run-manifest/bb", b"two")
+    store.put("other/x", b"three")
+    assert store.get("ledger/run-manifest/aa") == b"one"
+    assert store.exists("ledger/run-manifest/bb") and not store.exists("ledger/nope")
+    assert store.list("ledger/") == ["ledger/run-manifest/aa", "ledger/run-manifest/bb"]
+
+
+def test_objects_are_write_once(store: ObjectStore) -> None:
+    store.put("k/v", b"original")
+    store.put("k/v", b"original")  # the same bytes again: an idempotent retry
+    with pytest.raises(QaiError) as err:
+        store.put("k/v", b"replaced")
+    assert err.value.code == "object.exists" and err.value.status == 409
+    assert store.get("k/v") == b"original"
+    store.put("k/latest", b"1", overwrite=True)
+    store.put("k/latest", b"2", overwrite=True)
+    assert store.get("k/latest") == b"2"
+
+
+def test_concurrent_writers_of_one_key_leave_one_version(store: ObjectStore) -> None:
+    errors: list[str] = []
+
+    def put(data: bytes) -> None:
+        try:
+            store.put("race/key", data)
+        except QaiError as exc:
+            errors.append(exc.code)
+
+    threads = [threading.Thread(target=put, args=(bytes([65 + i]) * 100,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 7 and set(errors) == {"object.exists"}
+    assert len(set(store.get("race/key"))) == 1
+
+
+@pytest.mark.parametrize("key", ["../etc/passwd", "/abs", "a//b", "a/../b", "sp ace", "", "x" * 600])
+def test_bad_keys(store: ObjectStore, key: str) -> None:
+    with pytest.raises(QaiError) as err:
+        store.put(key, b"x")
+    assert err.value.code == "object.bad_key"
+
+
+def test_missing_objects(store: ObjectStore) -> None:
+    with pytest.raises(QaiError) as err:
+        store.get("no/such")
+    assert err.value.code == "object.not_found" and err.value.status == 404
+
+
+def test_unreachable_s3_is_a_503(settings: Settings) -> None:
+    s = make_object_store(settings.model_copy(update={"s3_bucket": "b", "s3_endpoint_url": "http://127.0.0.1:9",
+                                                      "s3_access_key_id": SecretStr("t"),
+                                                      "s3_secret_access_key": SecretStr("t")}))
+    with pytest.raises(QaiError) as err:
+        s.ping()
+    assert err.value.code == "object.unreachable" and err.value.status == 503
+
+
+@pytest.fixture
+def s3_services(settings: Settings, db: Database, s3_endpoint: str, tmp_path: Path) -> Iterator[Services]:
+    bucket = f"ledger-{tmp_path.name[-20:].lower().replace('_', '-')}"
+    yield from ledger_services(_s3_settings(settings, s3_endpoint, bucket), db)
+
+
+def test_ledger_on_s3_stores_envelopes_and_publishes_checkpoints(s3_services: Services) -> None:
+    svc = s3_services
+    assert isinstance(svc.objects, S3ObjectStore)
+    for env in signed_envelopes(svc.kms, "org-a.manifests", "org-a", 12):
+        e = svc.ledger.append_object("run-manifest", "org-a", env)
+        assert svc.objects.get(e.path) == env
+    key = svc.ledger.checkpoint_key()
+    history = svc.objects.list("ledger/checkpoints/")
+    assert [verify_checkpoint(svc.objects.get(k).decode(), key).checkpoint.size for k in history] == [10]
+    assert svc.objects.get("ledger/checkpoint").decode() == svc.ledger.latest_checkpoint()
