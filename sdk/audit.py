@@ -21,6 +21,7 @@ Signatures are checked in parallel over ``workers`` processes. The first failure
 from __future__ import annotations
 
 import base64
+import binascii
 import itertools
 import json
 import os
@@ -135,7 +136,7 @@ class ServerSource:
         for start in range(0, size, PAGE):
             page = self.client.ledger_entries(start, min(size, start + PAGE), objects=True)["entries"]
             for raw in page:
-                obj = base64.b64decode(raw.pop("object") or "")
+                obj = base64.b64decode(raw.pop("object") or "", validate=True)
                 yield IndexedEntry.model_validate(raw), obj
 
     def consistency_proof(self, first: int, second: int) -> list[bytes] | None:
@@ -173,7 +174,7 @@ class BundleSource:
                 if not line.strip():
                     continue
                 raw = json.loads(line)
-                obj = base64.b64decode(raw.pop("object") or "")
+                obj = base64.b64decode(raw.pop("object") or "", validate=True)
                 yield IndexedEntry.model_validate(raw), obj
 
     def consistency_proof(self, first: int, second: int) -> list[bytes] | None:
@@ -408,6 +409,12 @@ def audit(
         flush()
         for fut in pending:
             collect(fut)
+    except (QaiError, ValueError, KeyError, TypeError, binascii.Error) as exc:
+        # An unreadable entry (malformed bundle line, bad base64, a page the server garbled) is a
+        # finding about the ledger, not a crash of the auditor.
+        report.failures.append(Failure("audit.unreadable_entry", f"entry {compact.size} cannot be read: "
+                                       f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                                       compact.size))
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)

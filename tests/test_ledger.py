@@ -182,6 +182,13 @@ def test_rest_append_receipt_proofs_and_audit(svc: Services, tmp_path: Path) -> 
         assert export_bundle(ServerSource(a), tmp_path / "bundle") == 10
     report = audit(BundleSource(tmp_path / "bundle"), trusted_keys=trusted_keys(svc), workers=2)
     assert report.ok and report.checkpoints == 1 and report.uncovered == 0
+    # a garbled bundle is a finding with the entry's index, never a crash of the auditor
+    lines = (tmp_path / "bundle" / "entries.jsonl").read_text().splitlines()
+    for garbage in ("{", '{"index": 3}', lines[3].replace('"object":"', '"object":"%%')):
+        (tmp_path / "bundle" / "entries.jsonl").write_text("\n".join([*lines[:3], garbage, *lines[4:]]) + "\n")
+        bad = audit(BundleSource(tmp_path / "bundle"), trusted_keys=trusted_keys(svc), workers=1)
+        assert not bad.ok and bad.first_failure is not None
+        assert (bad.first_failure.code, bad.first_failure.index) == ("audit.unreadable_entry", 3)
 
 
 def test_audit_reports_uncovered_entries_as_a_warning(svc: Services) -> None:
