@@ -31,15 +31,14 @@ from orchestrator.auth import Principal, create_tenant
 from orchestrator.db import Base, Database, GroupCommit, UTCDateTime, utcnow
 from orchestrator.objects import ObjectStore
 from sdk import merkle
-from sdk.checkpoint import Checkpoint, SignedCheckpoint, format_note, sign_lines, verify_checkpoint
+from sdk.checkpoint import Checkpoint, SignedCheckpoint, format_note, sign_lines
 from sdk.errors import QaiError
-from sdk.ledger import ENTRY_TYPES, IndexedEntry, LedgerEntry, Receipt, sha256_hex
+from sdk.ledger import ENTRY_TYPES, SYSTEM_TENANT, IndexedEntry, LedgerEntry, Receipt, sha256_hex
 from sdk.signing import KeyDocument
 
 log = logging.getLogger(__name__)
 LEDGER_LOCK = "ledger"
 CHECKPOINT_LOCK = "ledger_checkpoint"
-SYSTEM_TENANT = "qai"
 LATEST_KEY = "ledger/checkpoint"
 HISTORY_PREFIX = "ledger/checkpoints/"
 _LEVEL_SHIFT = 48  # node id = level << 48 | index: 2^48 leaves is far beyond any log here
@@ -202,11 +201,12 @@ class Ledger:
         if not appended:
             return
         size = appended[-1].index + 1
-        if self._checkpointed < 0:
+        if size - self._checkpointed >= self.config.checkpoint_every:
+            # Re-read before signing: another process may have checkpointed since we last looked.
             latest = self.latest_checkpoint_row()
             self._checkpointed = latest.size if latest else 0
-        if size - self._checkpointed >= self.config.checkpoint_every:
-            self.checkpoint()
+            if size - self._checkpointed >= self.config.checkpoint_every:
+                self.checkpoint()
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -268,9 +268,13 @@ class Ledger:
 
     # --- checkpoints ----------------------------------------------------------------------------
 
-    def checkpoint_key(self) -> KeyDocument:
-        """The KMS key that signs checkpoints; created on first use in the system tenant."""
-        if self._key is not None:
+    def checkpoint_key(self, *, refresh: bool = False) -> KeyDocument:
+        """The KMS key that signs checkpoints; created on first use in the system tenant.
+
+        A key of that name in another tenant, or with another suite, is refused: key names are
+        global, and a tenant that pre-empted the name must not become the log's signer.
+        """
+        if self._key is not None and not refresh:
             return self._key
         system = Principal.system("ledger")
         try:
@@ -290,6 +294,10 @@ class Ledger:
                 if err.code != "kms.key_exists":
                     raise
                 key = self.kms.public_key(self.config.key_name)
+        if key.tenant != SYSTEM_TENANT or key.suite != self.config.suite or key.purpose != "signing":
+            raise QaiError("ledger.bad_checkpoint_key",
+                           f"key {key.name} belongs to tenant {key.tenant} with suite {key.suite}; the checkpoint "
+                           f"key must be a {self.config.suite} signing key of tenant {SYSTEM_TENANT}", status=500)
         self._key = key
         return key
 
@@ -322,6 +330,8 @@ class Ledger:
             cp = Checkpoint(origin=self.config.origin, size=size, root=root, timestamp=utcnow())
             body = cp.body()
             bundle = self.kms.sign(key.name, principal=Principal.system("ledger"), message=body)
+            if bundle.parts[0].version not in {v.version for v in key.versions}:
+                key = self.checkpoint_key(refresh=True)  # rotated since we cached it
             note = format_note(body, sign_lines(bundle, key))
             with self.db.write(lock=CHECKPOINT_LOCK) as s:
                 newest = s.scalars(select(LedgerCheckpointRow).order_by(LedgerCheckpointRow.size.desc())
@@ -335,29 +345,40 @@ class Ledger:
             return SignedCheckpoint(cp, note)
 
     def publish(self) -> None:
-        """Copy checkpoints to the object store: the latest, and every one into the history."""
-        for row in self.checkpoints(since=max(0, self._published_size() + 1)):
-            try:
-                self.objects.put(f"{HISTORY_PREFIX}{row.size:020d}", row.note.encode())
-            except QaiError as exc:
-                if exc.code != "object.exists":
-                    raise
-                # The write-once history already holds another checkpoint of this size: the DB was
-                # rolled back or forked behind the ledger's back. Never paper over it.
-                log.critical("ledger fork: published checkpoint %d differs from the database's", row.size)
-                raise QaiError("ledger.fork_detected", f"published checkpoint {row.size} differs from the "
-                               "database's: the log was rolled back or forked", status=500,
-                               details={"tree_size": row.size}) from exc
-        latest = self.latest_checkpoint()
-        if latest is not None:
-            self.objects.put(LATEST_KEY, latest.encode(), overwrite=True)
+        """Copy checkpoints to the object store: every one into the history, then the latest."""
+        published = self._published_size()
+        since = max(0, published + 1)
+        while True:
+            page = self.checkpoints(since=since)
+            for row in page:
+                self._publish_one(row)
+            if len(page) < 1000:
+                break
+            since = page[-1].size + 1
+        latest = self.latest_checkpoint_row()
+        # Never move "latest" backwards: another process may have published a newer one meanwhile.
+        if latest is not None and latest.size > self._published_size():
+            self.objects.put(LATEST_KEY, latest.note.encode(), overwrite=True)
+
+    def _publish_one(self, row: LedgerCheckpointRow) -> None:
+        try:
+            self.objects.put(f"{HISTORY_PREFIX}{row.size:020d}", row.note.encode())
+        except QaiError as exc:
+            if exc.code != "object.exists":
+                raise
+            # The write-once history already holds another checkpoint of this size: the DB was
+            # rolled back or forked behind the ledger's back. Never paper over it.
+            log.critical("ledger fork: published checkpoint %d differs from the database's", row.size)
+            raise QaiError("ledger.fork_detected", f"published checkpoint {row.size} differs from the "
+                           "database's: the log was rolled back or forked", status=500,
+                           details={"tree_size": row.size}) from exc
 
     def _published_size(self) -> int:
+        """Size of the published "latest" (-1 if none). Only steers publishing; auditors verify."""
         try:
-            note = self.objects.get(LATEST_KEY).decode()
-        except QaiError:
+            return int(self.objects.get(LATEST_KEY).decode().split("\n")[1])
+        except (QaiError, IndexError, ValueError):
             return -1
-        return verify_checkpoint(note, self.checkpoint_key()).checkpoint.size
 
     def receipt(self, index: int) -> Receipt:
         entry = self.entry(index)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,6 +23,7 @@ from sdk.signing import KeyDocument, b64decode, b64encode, parse_keyid
 
 router = APIRouter(prefix="/v1/ledger", tags=["ledger"])
 MAX_PAGE = 1000
+MAX_INDEX = 2**48  # node ids reserve 48 bits for the index; larger numbers are never valid
 
 
 class CheckpointOut(BaseModel):
@@ -85,18 +86,19 @@ def latest_checkpoint(svc: ServicesDep, _: PrincipalDep) -> CheckpointOut:
 
 
 @router.get("/checkpoints", summary="Checkpoint history from a tree size on")
-def checkpoints(svc: ServicesDep, _: PrincipalDep, since: int = Query(0, ge=0),
+def checkpoints(svc: ServicesDep, _: PrincipalDep, since: int = Query(0, ge=0, le=MAX_INDEX),
                 limit: int = Query(MAX_PAGE, ge=1, le=MAX_PAGE)) -> dict[str, list[CheckpointOut]]:
     return {"checkpoints": [_checkpoint(r) for r in svc.ledger.checkpoints(since, limit)]}
 
 
 @router.get("/key", response_model=KeyDocument, summary="Public key document of the checkpoint key")
 def checkpoint_key(svc: ServicesDep, _: PrincipalDep) -> KeyDocument:
-    return svc.ledger.checkpoint_key()
+    return svc.ledger.checkpoint_key(refresh=True)  # current versions and revocations
 
 
 @router.get("/entries", response_model=EntriesOut, summary="Entries [start, end), optionally with objects")
-def entries(svc: ServicesDep, p: PrincipalDep, start: int = Query(0, ge=0), end: int | None = Query(None, ge=0),
+def entries(svc: ServicesDep, p: PrincipalDep, start: int = Query(0, ge=0, le=MAX_INDEX),
+            end: int | None = Query(None, ge=0, le=MAX_INDEX),
             objects: bool = False) -> EntriesOut:
     _require_reader(p)
     size = svc.ledger.size()
@@ -121,7 +123,7 @@ def _object(ledger: Ledger, e: IndexedEntry) -> bytes:
 
 
 @router.get("/entries/{index}/object", summary="The stored object of one entry")
-def entry_object(index: int, svc: ServicesDep, p: PrincipalDep) -> Response:
+def entry_object(svc: ServicesDep, p: PrincipalDep, index: int = Path(ge=0, le=MAX_INDEX)) -> Response:
     e = svc.ledger.entry(index)
     _require_reader(p, e.tenant)
     return Response(svc.ledger.objects.get(e.path), media_type="application/octet-stream")
@@ -145,15 +147,15 @@ def append(req: AppendRequest, svc: ServicesDep, p: PrincipalDep) -> Receipt:
 
 
 @router.get("/receipt/{index}", response_model=Receipt, summary="Inclusion receipt of an entry")
-def receipt(index: int, svc: ServicesDep, p: PrincipalDep) -> Receipt:
-    r = svc.ledger.receipt(index)
-    _require_reader(p, r.entry.tenant)
-    return r
+def receipt(svc: ServicesDep, p: PrincipalDep, index: int = Path(ge=0, le=MAX_INDEX)) -> Receipt:
+    _require_reader(p, svc.ledger.entry(index).tenant)
+    return svc.ledger.receipt(index)
 
 
 @router.get("/proof/inclusion", response_model=InclusionOut, summary="RFC 9162 §2.1.3 inclusion proof")
-def inclusion(svc: ServicesDep, _: PrincipalDep, tree_size: int = Query(..., ge=1),
-              index: int | None = Query(None, ge=0), hash: str | None = Query(None, pattern="^[0-9a-f]{64}$")
+def inclusion(svc: ServicesDep, _: PrincipalDep, tree_size: int = Query(..., ge=1, le=MAX_INDEX),
+              index: int | None = Query(None, ge=0, le=MAX_INDEX),
+              hash: str | None = Query(None, pattern="^[0-9a-f]{64}$"),
               ) -> InclusionOut:
     if (index is None) == (hash is None):
         raise QaiError("ledger.bad_query", "give exactly one of index or hash", status=400)
@@ -164,8 +166,8 @@ def inclusion(svc: ServicesDep, _: PrincipalDep, tree_size: int = Query(..., ge=
 
 
 @router.get("/proof/consistency", response_model=ConsistencyOut, summary="RFC 9162 §2.1.4 consistency proof")
-def consistency(svc: ServicesDep, _: PrincipalDep, first: int = Query(..., ge=0),
-                second: int = Query(..., ge=0)) -> ConsistencyOut:
+def consistency(svc: ServicesDep, _: PrincipalDep, first: int = Query(..., ge=0, le=MAX_INDEX),
+                second: int = Query(..., ge=0, le=MAX_INDEX)) -> ConsistencyOut:
     proof = svc.ledger.consistency_proof(first, second)
     return ConsistencyOut(first=first, second=second, proof=[x.hex() for x in proof])
 

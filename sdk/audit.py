@@ -36,7 +36,7 @@ from sdk.checkpoint import SignedCheckpoint, verify_checkpoint
 from sdk.client import Client
 from sdk.dsse import parse_envelope, verify_envelope
 from sdk.errors import QaiError
-from sdk.ledger import ENVELOPE_TYPES, IndexedEntry, sha256_hex
+from sdk.ledger import ENVELOPE_TYPES, SYSTEM_TENANT, IndexedEntry, sha256_hex
 from sdk.signing import KeyDocument, parse_keyid
 
 BUNDLE_FORMAT = "qai-audit-bundle/1"
@@ -71,6 +71,7 @@ class AuditReport:
     latest_checkpoint_size: int | None = None
     root: str | None = None
     uncovered: int = 0
+    checkpoint_note: str | None = None  # the newest checkpoint the entries were matched against
     failures: list[Failure] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -110,6 +111,8 @@ class ServerSource:
     def __init__(self, client: Client) -> None:
         self.client = client
         self._size: int | None = None
+        self._notes: list[str] | None = None
+        self.tree_size: int | None = None  # the server's size when the snapshot was taken
 
     def origin(self) -> str | None:
         return None
@@ -124,11 +127,20 @@ class ServerSource:
         return keys
 
     def checkpoints(self) -> list[str]:
-        return [c["note"] for c in self.client.ledger_checkpoints()]
+        if self._notes is None:
+            try:
+                self._notes = [str(c["note"]) for c in self.client.ledger_checkpoints()]
+            except (KeyError, TypeError) as exc:
+                raise QaiError("audit.bad_response", "the server's checkpoint list is malformed") from exc
+        return self._notes
 
     def size(self) -> int:
+        """A live log keeps growing: audit the snapshot up to the newest checkpoint, which is what
+        anything signed commits to (entries after it are reported, not audited)."""
         if self._size is None:
-            self._size = int(self.client.ledger_entries(0, 0)["tree_size"])
+            self.tree_size = int(self.client.ledger_entries(0, 0)["tree_size"])
+            sizes = [n for n in (_size_of(note) for note in self.checkpoints()) if n is not None]
+            self._size = min(self.tree_size, max(sizes)) if sizes else self.tree_size
         return self._size
 
     def entries(self) -> Iterator[tuple[IndexedEntry, bytes]]:
@@ -140,7 +152,10 @@ class ServerSource:
                 yield IndexedEntry.model_validate(raw), obj
 
     def consistency_proof(self, first: int, second: int) -> list[bytes] | None:
-        return self.client.ledger_consistency(first, second)
+        try:
+            return self.client.ledger_consistency(first, second)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise QaiError("audit.bad_response", "the server's consistency proof is malformed") from exc
 
 
 class BundleSource:
@@ -152,21 +167,30 @@ class BundleSource:
             self.meta = json.loads((path / "bundle.json").read_text())
         except (OSError, ValueError) as exc:
             raise QaiError("audit.bad_bundle", f"{path} is not an audit bundle: {exc}") from exc
-        if self.meta.get("format") != BUNDLE_FORMAT:
-            raise QaiError("audit.bad_bundle", f"unknown bundle format {self.meta.get('format')!r}")
+        if not isinstance(self.meta, dict) or self.meta.get("format") != BUNDLE_FORMAT:
+            raise QaiError("audit.bad_bundle", f"{path}/bundle.json is not a {BUNDLE_FORMAT} document")
+        try:
+            self._keys = {k["name"]: KeyDocument.model_validate(k) for k in self.meta.get("keys", [])}
+            self._notes = [str(n) for n in self.meta.get("checkpoints", [])]
+            self._size = int(self.meta.get("tree_size", 0))
+        except (KeyError, TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+            raise QaiError("audit.bad_bundle", f"{path}/bundle.json has malformed fields: {type(exc).__name__}") \
+                from exc
+        if not (path / "entries.jsonl").is_file():
+            raise QaiError("audit.bad_bundle", f"{path} has no entries.jsonl")
 
     def origin(self) -> str | None:
         value = self.meta.get("origin")
         return str(value) if value else None
 
     def keys(self) -> dict[str, KeyDocument]:
-        return {k["name"]: KeyDocument.model_validate(k) for k in self.meta.get("keys", [])}
+        return dict(self._keys)
 
     def checkpoints(self) -> list[str]:
-        return [str(n) for n in self.meta.get("checkpoints", [])]
+        return list(self._notes)
 
     def size(self) -> int:
-        return int(self.meta.get("tree_size", 0))
+        return self._size
 
     def entries(self) -> Iterator[tuple[IndexedEntry, bytes]]:
         with (self.path / "entries.jsonl").open() as f:
@@ -220,7 +244,7 @@ def load_state(path: Path | None) -> str | None:
         return None
     try:
         return str(json.loads(path.read_text())["checkpoint"])
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise QaiError("audit.bad_state", f"{path} is not an auditor state file") from exc
 
 
@@ -261,6 +285,8 @@ def check_entry(entry: IndexedEntry, obj: bytes, keys: Mapping[str, KeyDocument]
             replay(entry, obj)
     except QaiError as exc:
         return Failure(exc.code, exc.message, entry.index)
+    except Exception as exc:  # a replay hook or a malformed object must not end the audit
+        return Failure("entry.unreadable", f"{type(exc).__name__}: {str(exc)[:200]}", entry.index)
     return None
 
 
@@ -321,24 +347,44 @@ def audit(
     origin: str | None = None,
     state: str | None = None,
     workers: int | None = None,
+    allow_uncovered: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> AuditReport:
-    """Verify everything in ``source``; see the module docstring. Never raises on a bad ledger."""
+    """Verify everything in ``source``; see the module docstring. Never raises on a bad ledger.
+
+    Entries that no verified checkpoint covers are a failure unless ``allow_uncovered``: nothing
+    signed commits to them, so a forger could have written them.
+    """
     keys = dict(trusted_keys) if trusted_keys is not None else source.keys()
-    origin = origin or source.origin()
-    report = AuditReport(origin=origin)
+    if origin is None:
+        origin = source.origin()
+        report = AuditReport(origin=origin)
+        report.warnings.append("the log origin is taken from the source itself; pass --origin to pin it")
+    else:
+        report = AuditReport(origin=origin)
     if trusted_keys is None:
         report.warnings.append("trusting the public keys supplied by the ledger source itself; "
                                "pass --keys to pin them")
-    cps = _verified_checkpoints(source.checkpoints(), keys.get(checkpoint_key), origin, report)
+    cp_key = keys.get(checkpoint_key)
+    if cp_key is not None and cp_key.tenant != SYSTEM_TENANT:
+        report.failures.append(Failure("audit.checkpoint_key_not_system",
+                                       f"{checkpoint_key} belongs to tenant {cp_key.tenant}, not {SYSTEM_TENANT}"))
+        cp_key = None
+    cps = _verified_checkpoints(source.checkpoints(), cp_key, origin, report)
     report.checkpoints = len(cps)
     remembered = None
     if state is not None:
-        try:
-            remembered = verify_checkpoint(state, keys[checkpoint_key], origin=origin) \
-                if checkpoint_key in keys else None
-        except QaiError as exc:
-            report.failures.append(Failure(exc.code, f"remembered checkpoint: {exc.message}"))
+        if cp_key is None:
+            report.failures.append(Failure("audit.no_checkpoint_key",
+                                           "a remembered checkpoint needs the trusted checkpoint key"))
+        else:
+            try:
+                remembered = verify_checkpoint(state, cp_key, origin=origin)
+            except QaiError as exc:
+                report.failures.append(Failure(exc.code, f"remembered checkpoint: {exc.message}"))
+    # the first checkpoint covering an index bounds the entry's time from above
+    covering = sorted((cp.checkpoint.size, cp.checkpoint.timestamp) for cp in cps)
+    cover_at = 0
     targets: dict[int, list[tuple[str, bytes]]] = {}
     for cp in cps:
         targets.setdefault(cp.checkpoint.size, []).append(("checkpoint", cp.checkpoint.root))
@@ -390,6 +436,12 @@ def audit(
                 kind = "ledger.gap" if entry.index > expected else "ledger.order"
                 report.failures.append(Failure(kind, f"expected entry {expected}, found {entry.index}", expected))
                 break
+            while cover_at < len(covering) and covering[cover_at][0] <= entry.index:
+                cover_at += 1
+            if cover_at < len(covering) and entry.time > covering[cover_at][1]:
+                report.failures.append(Failure("entry.time_after_checkpoint",
+                                               f"entry is dated after the checkpoint of size {covering[cover_at][0]} "
+                                               "that covers it", entry.index))
             leaf = entry.leaf_hash()
             if leaf.hex() != entry.leaf:
                 report.failures.append(Failure("entry.leaf_mismatch",
@@ -409,7 +461,7 @@ def audit(
         flush()
         for fut in pending:
             collect(fut)
-    except (QaiError, ValueError, KeyError, TypeError, binascii.Error) as exc:
+    except (QaiError, ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
         # An unreadable entry (malformed bundle line, bad base64, a page the server garbled) is a
         # finding about the ledger, not a crash of the auditor.
         report.failures.append(Failure("audit.unreadable_entry", f"entry {compact.size} cannot be read: "
@@ -431,6 +483,9 @@ def audit(
                 "checkpoint.beyond_log" if what == "checkpoint" else "audit.fork_or_rollback",
                 f"a {what} checkpoint commits to {size} entries, the log has {n} (entries deleted or "
                 f"log rolled back)", checkpoint_size=size))
+    matched = [cp for cp in cps if cp.checkpoint.size <= n]
+    if matched:
+        report.checkpoint_note = matched[-1].note
     if cps:
         latest = cps[-1].checkpoint
         report.latest_checkpoint_size = latest.size
@@ -444,24 +499,18 @@ def audit(
                 if proof is not None:
                     merkle.verify_consistency(a.size, b.size, a.root, b.root, proof)
             except QaiError as exc:
-                report.failures.append(Failure(exc.code, f"consistency {a.size} → {b.size}: {exc.message}",
+                report.failures.append(Failure(exc.code, f"consistency {a.size} -> {b.size}: {exc.message}",
                                                checkpoint_size=b.size))
     elif n:
         report.uncovered = n
     if report.uncovered:
-        report.warnings.append(f"{report.uncovered} entries are not covered by a signed checkpoint yet")
+        message = f"{report.uncovered} entries are not covered by any verified checkpoint"
+        if allow_uncovered:
+            report.warnings.append(message)
+        else:
+            report.failures.append(Failure("audit.uncovered", message, n - report.uncovered))
+    newer = getattr(source, "tree_size", None)
+    if isinstance(newer, int) and newer > n:
+        report.warnings.append(f"{newer - n} entries newer than the latest checkpoint were not audited")
     report.failures.sort(key=lambda f: (f.index is None, f.index or 0))
     return report
-
-
-def latest_note(source: LedgerSource, key: KeyDocument, origin: str | None) -> str | None:
-    """The newest verified checkpoint note of ``source`` (for saving as auditor state)."""
-    best: SignedCheckpoint | None = None
-    for note in source.checkpoints():
-        try:
-            cp = verify_checkpoint(note, key, origin=origin)
-        except QaiError:
-            continue
-        if best is None or cp.checkpoint.size > best.checkpoint.size:
-            best = cp
-    return best.note if best else None

@@ -20,7 +20,6 @@ from sdk.audit import (
     ServerSource,
     audit,
     export_bundle,
-    latest_note,
     load_state,
     save_state,
 )
@@ -54,7 +53,10 @@ def _trusted(path: Path | None) -> dict[str, KeyDocument] | None:
     except (OSError, ValueError) as exc:
         raise QaiError("audit.bad_keys", f"cannot read trusted keys from {path}: {exc}") from exc
     docs = docs if isinstance(docs, list) else [docs]
-    return {d["name"]: KeyDocument.model_validate(d) for d in docs}
+    try:
+        return {d["name"]: KeyDocument.model_validate(d) for d in docs}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise QaiError("audit.bad_keys", f"{path} does not hold key documents: {type(exc).__name__}") from exc
 
 
 def _progress(quiet: bool) -> Progress:
@@ -88,25 +90,26 @@ def verify_cmd(
     origin: Annotated[str | None, typer.Option(help="Expected log origin.")] = None,
     state: StateOpt = None,
     workers: Annotated[int | None, typer.Option(help="Processes for signature checks (default: cores).")] = None,
+    allow_uncovered: Annotated[bool, typer.Option(help="Warn, not fail, on entries no checkpoint covers.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Verify every envelope, the tree, every checkpoint and (with --state) no fork since last time."""
     try:
         source = _source(server, token, bundle)
         trusted = _trusted(keys)
+        remembered = load_state(state)
         with _progress(as_json) as bar:
             task = bar.add_task("verifying", total=None)
             report = audit(source, trusted_keys=trusted, checkpoint_key=checkpoint_key, origin=origin,
-                           state=load_state(state), workers=workers,
+                           state=remembered, workers=workers, allow_uncovered=allow_uncovered,
                            progress=lambda done, total: bar.update(task, completed=done, total=total))
     except QaiError as exc:
         fail(exc, as_json)
         return
-    if report.ok and state is not None:
-        key = (trusted or source.keys()).get(checkpoint_key)
-        note = latest_note(source, key, report.origin) if key else None
-        if note is not None:
-            save_state(state, note)
+    # Remember only what this audit matched against the entries, and never step backwards.
+    if report.ok and state is not None and report.checkpoint_note is not None and (
+            remembered is None or _note_size(report.checkpoint_note) >= _note_size(remembered)):
+        save_state(state, report.checkpoint_note)
     print_json(report.to_dict()) if as_json else _print_report(report)
     raise typer.Exit(0 if report.ok else 1)
 
@@ -131,15 +134,23 @@ def export_cmd(
     print_json(result) if as_json else console.print(f"exported {n} entries to {out}")
 
 
-def check_new_checkpoint(client: Client, key: KeyDocument, last: str | None) -> tuple[str | None, str | None]:
+def _note_size(note: str) -> int:
+    try:
+        return int(note.split("\n")[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def check_new_checkpoint(client: Client, key: KeyDocument, last: str | None, origin: str | None = None
+                         ) -> tuple[str | None, str | None]:
     """(newest verified note, alert or None) for one poll of a monitor."""
     latest = client.ledger_checkpoint()
     if latest is None:
         return last, None
-    new = verify_checkpoint(latest["note"], key)
+    new = verify_checkpoint(str(latest.get("note", "")), key, origin=origin)
     if last is None:
         return new.note, None
-    old = verify_checkpoint(last, key)
+    old = verify_checkpoint(last, key, origin=origin)
     a, b = old.checkpoint, new.checkpoint
     if b.size < a.size:
         return last, f"rollback: the log shrank from {a.size} to {b.size} entries"
@@ -160,6 +171,7 @@ def watch_cmd(
     keys: KeysOpt = None,
     checkpoint_key: Annotated[str, typer.Option(help="Name of the key that signs checkpoints.")] =
         DEFAULT_CHECKPOINT_KEY,
+    origin: Annotated[str | None, typer.Option(help="Expected log origin.")] = None,
     interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 10.0,
     once: Annotated[bool, typer.Option(help="Poll once and exit.")] = False,
     webhook: Annotated[str | None, typer.Option(help="POST alerts as JSON to this URL.")] = None,
@@ -171,12 +183,14 @@ def watch_cmd(
     client = Client(server or "", token)
     try:
         trusted = _trusted(keys)
-        key = (trusted or {}).get(checkpoint_key) or client.ledger_key()
+        if trusted is not None and checkpoint_key not in trusted:
+            raise QaiError("audit.bad_keys", f"--keys holds no key named {checkpoint_key}")
+        key = trusted[checkpoint_key] if trusted is not None else client.ledger_key()
         if trusted is None:
             err_console.print("[yellow]warning[/] trusting the checkpoint key served by the log; pass --keys")
         while True:
             last = load_state(state)
-            note, alert = check_new_checkpoint(client, key, last)
+            note, alert = check_new_checkpoint(client, key, last, origin)
             if alert is not None:
                 body = {"alert": alert, "server": server, "last_verified": last}
                 if webhook:

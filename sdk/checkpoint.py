@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import itertools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,13 +37,12 @@ from sdk.signing import (
     SignatureBundle,
     SignaturePart,
     b64encode,
-    keyid,
     parse_keyid,
     verify_bundle,
 )
 
 _SIG_LINE = re.compile(r"^\u2014 (\S+) ([A-Za-z0-9+/=]+)$")
-_ORIGIN = re.compile(r"^[^\s+][^\n]*$")
+_ORIGIN = re.compile(r"[^\s+][^\x00-\x1f\x7f]*")
 
 
 def _bad(message: str) -> QaiError:
@@ -69,7 +69,7 @@ class Checkpoint:
 
     def body(self) -> bytes:
         """The exact bytes that are signed."""
-        if not _ORIGIN.match(self.origin):
+        if not _ORIGIN.fullmatch(self.origin):
             raise _bad("origin must be one non-empty line not starting with space or '+'")
         return (f"{self.origin}\n{self.size}\n{base64.b64encode(self.root).decode()}\n"
                 f"timestamp {format_time(self.timestamp)}\n").encode()
@@ -129,7 +129,10 @@ def parse_note(note: str) -> tuple[bytes, list[NoteSignature]]:
         m = _SIG_LINE.match(line)
         if m is None:
             raise _bad(f"malformed signature line {line[:80]!r}")
-        raw = base64.b64decode(m.group(2))
+        try:
+            raw = base64.b64decode(m.group(2), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise _bad("signature line is not base64") from exc
         if len(raw) < 5:
             raise _bad("signature line too short")
         sigs.append(NoteSignature(m.group(1), raw[:4], raw[4:]))
@@ -175,8 +178,11 @@ def verify_checkpoint(note: str, keys: KeyDocument | Mapping[str, KeyDocument], 
             continue
         version: KeyVersionDocument | None = next((v for v in key.versions if v.version == number), None)
         pub = version.public_keys.get(alg) if version else None
-        if pub is None or s.key_hash != key_hash(s.name, alg, base64.b64decode(pub)):
-            continue
+        try:
+            if pub is None or s.key_hash != key_hash(s.name, alg, base64.b64decode(pub, validate=True)):
+                continue
+        except (binascii.Error, ValueError):
+            continue  # a malformed trusted key document cannot vouch for anything
         by_version.setdefault((name, number), []).append(
             SignaturePart(key_name=name, version=number, alg=alg, signature=b64encode(s.signature)))
     if not by_version:
@@ -184,16 +190,18 @@ def verify_checkpoint(note: str, keys: KeyDocument | Mapping[str, KeyDocument], 
                                 details={"signers": [s.name for s in sigs]})
     last: VerificationError | None = None
     for (name, _), parts in by_version.items():
-        bundle = SignatureBundle(suite=trusted[name].suite, parts=parts, signed_at=cp.timestamp)
-        try:
-            verify_bundle(bundle, body, trusted[name], at=cp.timestamp)
-            return SignedCheckpoint(cp, note)
-        except VerificationError as exc:
-            last = exc
+        # A relay can append extra lines under our key name; try each candidate per algorithm
+        # (a few at most) rather than letting a junk duplicate veto a valid checkpoint.
+        per_alg: dict[str, list[SignaturePart]] = {}
+        for part in parts:
+            per_alg.setdefault(part.alg, []).append(part)
+        for combo in itertools.islice(itertools.product(*(c[:4] for c in per_alg.values())), 64):
+            bundle = SignatureBundle(suite=trusted[name].suite, parts=list(combo), signed_at=cp.timestamp)
+            try:
+                verify_bundle(bundle, body, trusted[name], at=cp.timestamp)
+                return SignedCheckpoint(cp, note)
+            except VerificationError as exc:
+                last = exc
     assert last is not None
     raise VerificationError("checkpoint.bad_signature", f"checkpoint signature does not verify: {last.message}",
                             details={"reason": last.code, **last.details})
-
-
-def checkpoint_keyids(key: KeyDocument, version: int) -> list[str]:
-    return [keyid(key.name, version, alg) for alg in key.suite.split("+")]

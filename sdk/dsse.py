@@ -96,7 +96,10 @@ def verify_envelope(
     parts = []
     for s in envelope.signatures:
         name, version, alg = parse_keyid(s.keyid)
-        parts.append(SignaturePart(key_name=name, version=version, alg=alg, signature=s.sig))
+        try:
+            parts.append(SignaturePart(key_name=name, version=version, alg=alg, signature=s.sig))
+        except ValidationError as exc:
+            raise QaiError("signature.bad_keyid", f"malformed keyid {s.keyid!r}") from exc
     name = parts[0].key_name
     key = keys if isinstance(keys, KeyDocument) else keys.get(name)
     suite = key.suite if key is not None else "+".join(p.alg for p in parts)

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sdk import merkle
 from sdk.canonical import canonical_json
@@ -34,6 +34,7 @@ EntryType = Literal[
     "kms-audit-checkpoint",
     "build-attestation",
 ]
+SYSTEM_TENANT = "qai"  # the platform's own tenant: only its key signs checkpoints
 ENTRY_TYPES: tuple[str, ...] = EntryType.__args__  # type: ignore[attr-defined]
 # Entry types whose object is a DSSE envelope; the others (datasets) are plain artifacts.
 ENVELOPE_TYPES = frozenset(ENTRY_TYPES) - {"dataset"}
@@ -106,7 +107,11 @@ class Receipt(BaseModel):
 def verify_receipt(receipt: Receipt | Mapping[str, Any], keys: KeyDocument | Mapping[str, KeyDocument], *,
                    origin: str | None = None) -> SignedCheckpoint:
     """Check a receipt end to end: leaf hash, checkpoint signature, inclusion proof."""
-    r = receipt if isinstance(receipt, Receipt) else Receipt.model_validate(receipt)
+    try:
+        r = receipt if isinstance(receipt, Receipt) else Receipt.model_validate(receipt)
+        proof = [bytes.fromhex(p) for p in r.inclusion_proof]
+    except (ValidationError, ValueError) as exc:
+        raise VerificationError("receipt.malformed", f"not a ledger receipt: {str(exc).splitlines()[0]}") from exc
     leaf = r.entry.leaf_hash()
     if leaf.hex() != r.leaf_hash:
         raise VerificationError("receipt.leaf_mismatch", "the receipt's leaf hash is not its entry's",
@@ -118,6 +123,5 @@ def verify_receipt(receipt: Receipt | Mapping[str, Any], keys: KeyDocument | Map
     if r.tree_size != signed.checkpoint.size:
         raise VerificationError("receipt.size_mismatch", "receipt tree size is not the checkpoint's",
                                 details={"index": r.index})
-    proof = [bytes.fromhex(p) for p in r.inclusion_proof]
     merkle.verify_inclusion(r.index, signed.checkpoint.size, leaf, proof, signed.checkpoint.root)
     return signed

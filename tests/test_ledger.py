@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from orchestrator.app import create_app
-from orchestrator.auth import Role, issue_token
+from orchestrator.auth import Principal, Role, issue_token
 from orchestrator.db import Database
 from orchestrator.ledger import HISTORY_PREFIX, LATEST_KEY
 from orchestrator.services import Services
@@ -191,13 +192,83 @@ def test_rest_append_receipt_proofs_and_audit(svc: Services, tmp_path: Path) -> 
         assert (bad.first_failure.code, bad.first_failure.index) == ("audit.unreadable_entry", 3)
 
 
-def test_audit_reports_uncovered_entries_as_a_warning(svc: Services) -> None:
+def test_audit_covers_what_checkpoints_sign_and_nothing_less(svc: Services, tmp_path: Path) -> None:
     _fill(svc, 13)
+    auditor = issue_token(svc.db, role=Role.AUDITOR, tenant=None).token
+    keys = trusted_keys(svc)
+    with LiveServer(create_app(svc)) as srv, Client(srv.url, auditor) as a:
+        # a live server is audited up to its newest checkpoint; newer entries are reported
+        report = audit(ServerSource(a), trusted_keys=keys, origin="qai.local/ledger", workers=1)
+        assert report.ok and report.entries == 10
+        assert any("3 entries newer" in w for w in report.warnings)
+        export_bundle(ServerSource(a), tmp_path / "b")
+    meta = json.loads((tmp_path / "b" / "bundle.json").read_text())
+    assert meta["tree_size"] == 10  # the export stops at the newest checkpoint
+    # a bundle whose checkpoints were stripped proves nothing about its entries
+    meta["checkpoints"] = []
+    (tmp_path / "b" / "bundle.json").write_text(json.dumps(meta))
+    stripped = audit(BundleSource(tmp_path / "b"), trusted_keys=keys, workers=1)
+    assert not stripped.ok and stripped.failures[0].code == "audit.uncovered"
+    assert audit(BundleSource(tmp_path / "b"), trusted_keys=keys, workers=1, allow_uncovered=True).ok
+
+
+def test_checkpoint_key_must_belong_to_the_platform(svc: Services, admin: Principal) -> None:
+    """A tenant that grabs the checkpoint key's name does not become the log's signer."""
+    svc.kms.create_key("qai.ledger-checkpoint", tenant="org-a", principal=admin)
+    _fill(svc, 3)
+    with pytest.raises(QaiError) as err:
+        svc.ledger.checkpoint()
+    assert err.value.code == "ledger.bad_checkpoint_key"
+    assert svc.ledger.latest_checkpoint() is None
+
+
+def test_checkpoints_survive_a_rotation_of_their_key(svc: Services, admin: Principal) -> None:
+    _fill(svc, 10)
+    key = svc.ledger.checkpoint_key()
+    svc.kms.rotate(key.name, principal=admin)
+    _fill(svc, 10)
+    notes = [r.note for r in svc.ledger.checkpoints()]
+    rotated = svc.kms.public_key(key.name)
+    assert [verify_checkpoint(n, rotated).checkpoint.size for n in notes] == [10, 20]
+    assert "qai.ledger-checkpoint@2/ML-DSA-65" in notes[-1]
+
+
+def test_malformed_notes_and_receipts_are_errors_not_crashes(svc: Services) -> None:
+    _fill(svc, 10)
+    key = svc.ledger.checkpoint_key()
+    note = svc.ledger.latest_checkpoint() or ""
+    body = note.split("\n\n")[0] + "\n"
+    for bad in (body + "\n\u2014 k AAAAA\n", body + "\n\u2014 k @@@@\n", "no note", body + "\nnot a line\n"):
+        with pytest.raises(QaiError) as err:
+            verify_checkpoint(bad, key)
+        assert err.value.code == "checkpoint.malformed"
+    # a duplicate line under our key name (added by a relay) does not veto a valid checkpoint
+    ml_line = next(line for line in note.split("\n") if "/ML-DSA-65" in line)
+    junk = ml_line[:-8] + "AAAAAAA="
+    verify_checkpoint(note.replace(ml_line, junk + "\n" + ml_line), key)
+    good = svc.ledger.receipt(2).model_dump(mode="json")
+    for broken in ({**good, "inclusion_proof": ["zz"]}, {**good, "index": "x"}, {"nothing": 1}):
+        with pytest.raises(VerificationError) as verr:
+            verify_receipt(broken, key)
+        assert verr.value.code == "receipt.malformed"
+    with pytest.raises(QaiError) as err:
+        Checkpoint("evil\n", 1, b"\0" * 32, datetime.now(UTC)).body()
+    assert err.value.code == "checkpoint.malformed"
+
+
+def test_entries_dated_after_their_checkpoint_are_flagged(svc: Services) -> None:
+    from datetime import timedelta
+
+    from sdk.audit import Failure
+
+    _fill(svc, 9)
+    env = signed_envelopes(svc.kms, "org-a.manifests", "org-a", 1, start=50)[0]
+    svc.ledger.append_object("run-manifest", "org-a", env, at=datetime.now(UTC) + timedelta(hours=1))
     auditor = issue_token(svc.db, role=Role.AUDITOR, tenant=None).token
     with LiveServer(create_app(svc)) as srv, Client(srv.url, auditor) as a:
         report = audit(ServerSource(a), trusted_keys=trusted_keys(svc), workers=1)
-    assert report.ok and report.uncovered == 3
-    assert any("not covered" in w for w in report.warnings)
+    assert not report.ok
+    assert report.first_failure == Failure("entry.time_after_checkpoint", report.first_failure.message, 9)
 
 
 def test_entries_of_one_tenant_cannot_claim_another(svc: Services) -> None:
