@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
@@ -93,6 +93,20 @@ def _indexed(row: LedgerEntryRow) -> IndexedEntry:
 
 
 @dataclass(frozen=True)
+class LedgerWrite:
+    """An entry plus the caller's own rows, written in the same transaction as the entry.
+
+    ``before`` runs first, in a savepoint: if it raises (a duplicate key, say), only this write
+    fails, and its entry is not appended, so the ledger has no orphan entries and the index has no
+    unledgered rows. ``after`` receives the entry's index once it is assigned.
+    """
+
+    entry: LedgerEntry
+    before: Callable[[Session], None] | None = None
+    after: Callable[[Session, IndexedEntry], None] | None = None
+
+
+@dataclass(frozen=True)
 class LedgerConfig:
     origin: str = "qai.local/ledger"
     checkpoint_every: int = 1000
@@ -159,7 +173,7 @@ class Ledger:
         self.kms = kms
         self.objects = objects
         self.config = config or LedgerConfig()
-        self._writer: GroupCommit[LedgerEntry, IndexedEntry] = GroupCommit(
+        self._writer: GroupCommit[LedgerEntry | LedgerWrite, IndexedEntry | BaseException] = GroupCommit(
             db, LEDGER_LOCK, self._apply, name="ledger-sequencer", max_batch=self.config.max_batch)
         self._frontier: merkle.CompactRange | None = None  # after the last committed batch
         self._pending: merkle.CompactRange | None = None
@@ -172,11 +186,17 @@ class Ledger:
 
     # --- appending ------------------------------------------------------------------------------
 
-    def submit(self, entries: Iterable[LedgerEntry]) -> Future[list[IndexedEntry]]:
+    def submit(self, entries: Iterable[LedgerEntry | LedgerWrite]) -> Future[list[IndexedEntry | BaseException]]:
         return self._writer.submit(entries)
 
-    def append(self, entries: Iterable[LedgerEntry]) -> list[IndexedEntry]:
-        return self.submit(entries).result()
+    def append(self, entries: Iterable[LedgerEntry | LedgerWrite]) -> list[IndexedEntry]:
+        """Append and wait for the commit; raises the first write's error, if any failed."""
+        out = []
+        for r in self.submit(entries).result():
+            if isinstance(r, BaseException):
+                raise r
+            out.append(r)
+        return out
 
     def append_object(self, entry_type: str, tenant: str, data: bytes, *, path: str | None = None,
                       at: datetime | None = None) -> IndexedEntry:
@@ -191,13 +211,32 @@ class Ledger:
                             time=at or utcnow())
         return self.append([entry])[0]
 
-    def _apply(self, session: Session, entries: list[LedgerEntry]) -> list[IndexedEntry]:
-        out, self._pending = _append(session, entries, self._frontier)
-        return out
+    def _apply(self, session: Session, items: list[LedgerEntry | LedgerWrite]) -> list[IndexedEntry | BaseException]:
+        writes = [i if isinstance(i, LedgerWrite) else LedgerWrite(i) for i in items]
+        results: list[IndexedEntry | BaseException | None] = [None] * len(writes)
+        accepted: list[int] = []
+        for pos, w in enumerate(writes):
+            if w.before is None:
+                accepted.append(pos)
+                continue
+            try:
+                with session.begin_nested():
+                    w.before(session)
+                accepted.append(pos)
+            except Exception as exc:  # this write alone fails; the batch goes on
+                results[pos] = exc
+        out, self._pending = _append(session, [writes[p].entry for p in accepted], self._frontier)
+        for pos, indexed in zip(accepted, out, strict=True):
+            after = writes[pos].after
+            if after is not None:
+                after(session, indexed)
+            results[pos] = indexed
+        return [r for r in results if r is not None]
 
-    def _after_commit(self, appended: list[IndexedEntry]) -> None:
+    def _after_commit(self, results: list[IndexedEntry | BaseException]) -> None:
         # Adopted only after the commit: a rolled-back batch must not leave a frontier ahead of the DB.
         self._frontier = self._pending
+        appended = [r for r in results if isinstance(r, IndexedEntry)]
         if not appended:
             return
         size = appended[-1].index + 1

@@ -290,3 +290,33 @@ def test_ledger_entry_model_rejects_bad_fields() -> None:
     for bad in ({"sha256": "A" * 64}, {"type": "x"}, {"time": datetime(2026, 1, 1)}, {"path": ""}):
         with pytest.raises(ValidationError):
             LedgerEntry.model_validate({**good, **bad})
+
+
+def test_a_failing_write_leaves_no_entry_and_no_row(svc: Services) -> None:
+    """Callers' own rows go in the entry's transaction: a write that fails appends nothing."""
+    from sqlalchemy import text as sql
+
+    from orchestrator.ledger import LedgerWrite
+    from sdk.ledger import sha256_hex
+
+    with svc.db.write() as s:
+        s.execute(sql("CREATE TABLE side_rows (k TEXT PRIMARY KEY, idx BIGINT)"))
+
+    def write(k: str) -> LedgerWrite:
+        data = f"object {k}".encode()
+        entry = LedgerEntry(type="dataset", sha256=sha256_hex(data), path=f"d/{k}", tenant="org-a",
+                            time=datetime.now(UTC))
+        return LedgerWrite(entry,
+                           before=lambda s: s.execute(sql("INSERT INTO side_rows (k) VALUES (:k)"), {"k": k}),
+                           after=lambda s, e: s.execute(sql("UPDATE side_rows SET idx = :i WHERE k = :k"),
+                                                        {"i": e.index, "k": k}))
+
+    results = svc.ledger.submit([write("a"), write("b"), write("a"), write("c")]).result()
+    assert [getattr(r, "index", None) for r in results] == [0, 1, None, 2]
+    assert isinstance(results[2], Exception)  # the duplicate key failed alone
+    with svc.db.read() as s:
+        assert s.execute(sql("SELECT k, idx FROM side_rows ORDER BY idx")).all() == [("a", 0), ("b", 1), ("c", 2)]
+    assert svc.ledger.size() == 3
+    with pytest.raises(Exception):  # noqa: B017  (the driver's integrity error, whatever its class)
+        svc.ledger.append([write("b")])
+    assert svc.ledger.size() == 3
