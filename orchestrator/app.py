@@ -16,7 +16,7 @@ from orchestrator.http import BodySizeLimit, ServicesDep, install_error_handlers
 from orchestrator.services import Services, get_services
 from sdk.errors import QaiError
 
-COMPONENTS = ("kms", "ledger")
+COMPONENTS = ("kms", "ledger", "jobs")
 
 health = APIRouter(tags=["health"])
 
@@ -45,6 +45,10 @@ def _routers(component: str) -> list[APIRouter]:
         from kms.api import router as kms_router
 
         return [kms_router]
+    if component == "jobs":
+        from orchestrator.jobs_api import router as jobs_router
+
+        return [jobs_router]
     if component == "ledger":
         from orchestrator.ledger_api import router as ledger_router
 
@@ -60,6 +64,8 @@ def create_app(services: Services | None = None, components: Sequence[str] = COM
             app.state.services = get_services()
         if "ledger" in components:
             app.state.services.ledger.start()
+        if "jobs" in components:
+            app.state.services.uploader.start()
         yield
 
     app = FastAPI(

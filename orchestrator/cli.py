@@ -43,7 +43,7 @@ ledger_app = typer.Typer(help="The run ledger (server side; auditors use `qai au
 
 
 def serve(
-    component: Annotated[str, typer.Argument(help="all, or one of: kms, ledger")] = "all",
+    component: Annotated[str, typer.Argument(help="all, or one of: kms, ledger, jobs")] = "all",
     host: str = "127.0.0.1",
     port: int = 8000,
     workers: int = 1,

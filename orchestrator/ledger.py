@@ -183,6 +183,8 @@ class Ledger:
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
         self._key: KeyDocument | None = None
+        # path -> bytes for objects not in the store yet (the job outbox); consulted on a miss
+        self.object_fallbacks: list[Callable[[str], bytes | None]] = []
 
     # --- appending ------------------------------------------------------------------------------
 
@@ -248,6 +250,19 @@ class Ledger:
                 self.checkpoint()
 
     # --- reading --------------------------------------------------------------------------------
+
+    def object_bytes(self, path: str) -> bytes:
+        """An entry's object: from the store, or from an outbox that has not uploaded it yet."""
+        try:
+            return self.objects.get(path)
+        except QaiError as exc:
+            if exc.code != "object.not_found":
+                raise
+            for fallback in self.object_fallbacks:
+                data = fallback(path)
+                if data is not None:
+                    return data
+            raise
 
     def size(self) -> int:
         with self.db.read() as s:

@@ -115,7 +115,7 @@ def entries(svc: ServicesDep, p: PrincipalDep, start: int = Query(0, ge=0, le=MA
 
 def _object(ledger: Ledger, e: IndexedEntry) -> bytes:
     try:
-        return ledger.objects.get(e.path)
+        return ledger.object_bytes(e.path)
     except QaiError as exc:
         if exc.code != "object.not_found":
             raise
@@ -126,7 +126,7 @@ def _object(ledger: Ledger, e: IndexedEntry) -> bytes:
 def entry_object(svc: ServicesDep, p: PrincipalDep, index: int = Path(ge=0, le=MAX_INDEX)) -> Response:
     e = svc.ledger.entry(index)
     _require_reader(p, e.tenant)
-    return Response(svc.ledger.objects.get(e.path), media_type="application/octet-stream")
+    return Response(svc.ledger.object_bytes(e.path), media_type="application/octet-stream")
 
 
 @router.post("/entries", response_model=Receipt, status_code=201,

@@ -7,3 +7,4 @@ from orchestrator.app import create_app
 app = create_app()
 kms_app = create_app(components=("kms",))
 ledger_app = create_app(components=("ledger",))
+jobs_app = create_app(components=("jobs",))

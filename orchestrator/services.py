@@ -13,6 +13,7 @@ from kms.hsm import Hsm, HsmConfig
 from kms.service import KMS, KmsConfig
 from orchestrator import migrate
 from orchestrator.db import Database
+from orchestrator.jobs import Jobs, Uploader
 from orchestrator.ledger import Ledger, LedgerConfig
 from orchestrator.objects import ObjectStore, make_object_store
 from orchestrator.settings import Settings, get_settings
@@ -60,9 +61,12 @@ class Services:
     kms: KMS
     objects: ObjectStore
     ledger: Ledger
+    jobs: Jobs
+    uploader: Uploader
     extras: dict[str, object] = field(default_factory=dict)
 
     def close(self) -> None:
+        self.uploader.close()
         self.ledger.close()
         self.kms.close()
         self.hsm.close()
@@ -79,7 +83,9 @@ def build_services(settings: Settings, *, db: Database | None = None, migrate_db
     kms = KMS(database, hsm, kms_config(settings))
     objects = make_object_store(settings)
     ledger = Ledger(database, kms, objects, ledger_config(settings))
-    return Services(settings=settings, db=database, hsm=hsm, kms=kms, objects=objects, ledger=ledger)
+    jobs = Jobs(database, ledger, objects, kms.public_key)
+    return Services(settings=settings, db=database, hsm=hsm, kms=kms, objects=objects, ledger=ledger, jobs=jobs,
+                    uploader=Uploader(database, objects))
 
 
 _services: Services | None = None

@@ -1,0 +1,38 @@
+"""REST router of job ingest (``/v1/jobs``). Thin: the logic is in :mod:`orchestrator.jobs`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from orchestrator.http import PrincipalDep, ServicesDep
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=201, summary="Submit a signed run-manifest (DSSE envelope, JSON or YAML)",
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": {"type": "object"}},
+                 "application/yaml": {"schema": {"type": "string"}}}}})
+async def submit(request: Request, svc: ServicesDep, who: PrincipalDep) -> JSONResponse:
+    body = await request.body()
+    done = await run_in_threadpool(svc.jobs.submit, body, who)
+    content = {"job_id": done.job_id, "created": done.created, "receipt": done.receipt.model_dump(mode="json")}
+    return JSONResponse(content, status_code=201 if done.created else 200)
+
+
+@router.get("/{job_id}", summary="A job: envelope, status, storage locations and ledger index")
+def get_job(job_id: str, svc: ServicesDep, who: PrincipalDep) -> dict[str, Any]:
+    return svc.jobs.get(job_id, who)
+
+
+@router.get("", summary="Jobs, oldest first, with cursor pagination")
+def list_jobs(svc: ServicesDep, who: PrincipalDep, tenant: str | None = None,
+              status: Literal["pending", "queued", "running", "completed", "failed", "cancelled"] | None = None,
+              since: datetime | None = None, limit: int = Query(100, ge=1, le=1000),
+              cursor: str | None = None) -> dict[str, Any]:
+    return svc.jobs.list(who, tenant=tenant, status=status, since=since, limit=limit, cursor=cursor)
