@@ -10,9 +10,11 @@ from typing import Any
 
 import httpx
 
+from sdk.dsse import Envelope, envelope_from_bundle, pae, parse_envelope
 from sdk.errors import QaiError
 from sdk.ledger import Receipt
-from sdk.signing import KeyDocument
+from sdk.manifest import PAYLOAD_TYPE, RunManifest, VerifiedManifest, sign_manifest, verify_manifest
+from sdk.signing import KeyDocument, SignatureBundle, parse_keyid
 
 
 class Client:
@@ -97,3 +99,84 @@ class Client:
     def ledger_append(self, entry_type: str, tenant: str, data: bytes) -> Receipt:
         body = {"type": entry_type, "tenant": tenant, "object": base64.b64encode(data).decode()}
         return Receipt.model_validate(self.request("POST", "/v1/ledger/entries", json=body).json())
+
+    # --- signing and jobs -----------------------------------------------------------------------
+
+    def sign(self, key: str, message: bytes) -> SignatureBundle:
+        """Sign through the KMS API (``POST /v1/keys/{key}/sign``); needs a signer token."""
+        body = {"message": base64.b64encode(message).decode()}
+        return SignatureBundle.model_validate(self.request("POST", f"/v1/keys/{key}/sign", json=body).json())
+
+    def key(self, name: str) -> KeyDocument:
+        return KeyDocument.model_validate(self.get_json(f"/v1/keys/{name}"))
+
+    def sign_manifest(self, manifest: RunManifest, key: str) -> Envelope:
+        return sign_manifest(manifest, lambda message: self.sign(key, message))
+
+    def verify_manifest(self, envelope: Envelope | bytes) -> VerifiedManifest:
+        """Verify with the public key fetched from the server (for offline use, see sdk.manifest)."""
+        env = parse_envelope(envelope) if isinstance(envelope, bytes) else envelope
+        return verify_manifest(env, self.key(parse_keyid(env.signatures[0].keyid)[0]))
+
+    def submit_job(self, envelope: Envelope | bytes) -> dict[str, Any]:
+        data = envelope.to_bytes() if isinstance(envelope, Envelope) else envelope
+        out: dict[str, Any] = self.request("POST", "/v1/jobs", content=data,
+                                           headers={"Content-Type": "application/json"}).json()
+        return out
+
+    def create_job(self, manifest: RunManifest, key: str) -> dict[str, Any]:
+        """Sign ``manifest`` with ``key`` through the KMS and submit it; returns the job and its receipt."""
+        return self.submit_job(self.sign_manifest(manifest, key))
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        out: dict[str, Any] = self.get_json(f"/v1/jobs/{job_id}")
+        return out
+
+    def list_jobs(self, *, tenant: str | None = None, status: str | None = None, limit: int = 100,
+                  cursor: str | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = self.get_json("/v1/jobs", tenant=tenant, status=status, limit=limit, cursor=cursor)
+        return out
+
+
+class AsyncClient:
+    """The job-submission half of :class:`Client` for asyncio code."""
+
+    def __init__(self, url: str, token: str | None = None, *, timeout: float = 30.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.url = url.rstrip("/")
+        self.http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.aclose()
+
+    async def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            resp = await self.http.request(method, path, **kw)
+        except httpx.TransportError as exc:
+            raise QaiError("client.unreachable", f"cannot reach {self.url}: {type(exc).__name__}", status=503,
+                           details={"url": self.url}) from exc
+        if resp.status_code >= 400:
+            try:
+                body = resp.json()
+            except ValueError:
+                body = resp.text
+            raise QaiError.from_body(body, resp.status_code)
+        return resp
+
+    async def sign(self, key: str, message: bytes) -> SignatureBundle:
+        body = {"message": base64.b64encode(message).decode()}
+        return SignatureBundle.model_validate((await self.request("POST", f"/v1/keys/{key}/sign", json=body)).json())
+
+    async def create_job(self, manifest: RunManifest, key: str) -> dict[str, Any]:
+        payload = manifest.to_bytes()
+        bundle = await self.sign(key, pae(PAYLOAD_TYPE, payload))
+        envelope = envelope_from_bundle(PAYLOAD_TYPE, payload, bundle)
+        out: dict[str, Any] = (await self.request("POST", "/v1/jobs", content=envelope.to_bytes())).json()
+        return out
+
+    async def get_job(self, job_id: str) -> dict[str, Any]:
+        out: dict[str, Any] = (await self.request("GET", f"/v1/jobs/{job_id}")).json()
+        return out

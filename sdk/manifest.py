@@ -93,7 +93,7 @@ class RunManifest(_Strict):
     calibration_snapshot_id: str | None = Field(default=None, max_length=128)
     em_method: str = Field(min_length=1, max_length=64)
     em_version: str = Field(min_length=1, max_length=32)
-    seed: int = Field(ge=0, lt=2**63)
+    seed: int = Field(ge=0, lt=2**53, description="below 2**53: RFC 8785 numbers are IEEE doubles")
     created_at: datetime
     artifact_hash: str = Field(description="sha256:<hex> of the circuit's QASM")
     circuit: Circuit
@@ -288,3 +288,25 @@ def verify_manifest(envelope: Envelope | bytes, keys: KeyDocument | Mapping[str,
                                 f"{manifest.pqc_suite}", details={"suite": key.suite})
     check_crypto_mode(manifest.crypto_mode, list(parse_suite(key.suite)))
     return VerifiedManifest(manifest, env, key, version)
+
+
+def new_manifest(*, tenant: str, qasm: str, shots: int, pqc_suite: str = "ML-DSA-65+ECDSA-P256",
+                 crypto_mode: CryptoMode = "hybrid", em_method: str = "none", em_version: str = "-",
+                 seed: int | None = None, job_id: uuid.UUID | None = None, created_at: datetime | None = None,
+                 **fields: Any) -> RunManifest:
+    """A manifest for ``qasm`` with a fresh job id, the current time and the circuit's hash.
+
+    ``seed`` defaults to a random 52-bit value; it is recorded so the run can be replayed.
+    """
+    import secrets
+    from datetime import UTC
+
+    from sdk import __version__
+
+    return RunManifest.model_validate({
+        "job_id": job_id or uuid.uuid4(), "tenant": tenant, "pqc_suite": pqc_suite, "crypto_mode": crypto_mode,
+        "em_method": em_method, "em_version": em_version,
+        "seed": secrets.randbits(52) if seed is None else seed,
+        "created_at": created_at or datetime.now(UTC), "artifact_hash": qasm_sha256(qasm),
+        "circuit": {"qasm": qasm, "format": "openqasm3"}, "shots": shots, "sdk_version": __version__, **fields,
+    })
