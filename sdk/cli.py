@@ -13,8 +13,11 @@ app = typer.Typer(name="qai", help="qai: quantum workloads with provable provena
 
 def _register_auditor_commands() -> None:
     from sdk.audit_cli import audit_app
+    from sdk.manifest_cli import jobs_app, manifest_app
 
     app.add_typer(audit_app, name="audit")
+    app.add_typer(manifest_app, name="manifest")
+    app.add_typer(jobs_app, name="jobs")
 
 
 def _register_server_commands() -> None:

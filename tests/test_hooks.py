@@ -4,12 +4,15 @@ the generic ``sdk.run_manifest``, and the async client."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from qiskit import QuantumCircuit, qasm3
 from qiskit_aer import AerSimulator
 from qiskit_aer.primitives import SamplerV2
+from typer.testing import CliRunner
 
 import sdk
 from orchestrator.app import create_app
@@ -17,6 +20,7 @@ from orchestrator.auth import Role, issue_token
 from orchestrator.db import Database
 from orchestrator.services import Services
 from orchestrator.settings import Settings
+from sdk.cli import app as qai
 from sdk.dsse import Envelope
 from sdk.ledger import verify_receipt
 from sdk.manifest import new_manifest, parse_manifest
@@ -90,3 +94,35 @@ def test_async_client(server: tuple[Services, LiveServer, str]) -> None:
 
     job = asyncio.run(go())
     assert job["tenant"] == "org-a" and job["status"] == "pending"
+
+
+def test_manifest_and_jobs_cli(server: tuple[Services, LiveServer, str], tmp_path: Path) -> None:
+    svc, srv, token = server
+    run = CliRunner().invoke
+    qasm = tmp_path / "bell.qasm"
+    qasm.write_text(qasm3.dumps(bell()))
+    r = run(qai, ["manifest", "create", str(qasm), "--tenant", "org-a", "--shots", "300", "--seed", "11",
+                  "--out", str(tmp_path / "m.json")])
+    assert r.exit_code == 0, r.output
+    conn = ["--server", srv.url, "--token", token]
+    r = run(qai, ["manifest", "sign", str(tmp_path / "m.json"), "--key", "org-a.manifests", *conn,
+                  "--out", str(tmp_path / "m.dsse.json")])
+    assert r.exit_code == 0, r.output
+    key_file = tmp_path / "key.json"
+    key_file.write_text(svc.kms.public_key("org-a.manifests").model_dump_json())
+    r = run(qai, ["manifest", "verify", str(tmp_path / "m.dsse.json"), "--key", str(key_file), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["valid"] is True, r.output
+    tampered = json.loads((tmp_path / "m.dsse.json").read_text())
+    tampered["signatures"] = tampered["signatures"][:1]  # drop the classical half: a downgrade
+    (tmp_path / "bad.json").write_text(json.dumps(tampered))
+    r = run(qai, ["manifest", "verify", str(tmp_path / "bad.json"), "--key", str(key_file), "--json"])
+    assert r.exit_code == 2 and json.loads(r.stdout)["error"]["code"] == "signature.missing_part"
+    r = run(qai, ["manifest", "show", str(tmp_path / "m.dsse.json")])
+    assert r.exit_code == 0 and "shots: 300" in r.stdout and "seed: 11" in r.stdout
+    r = run(qai, ["jobs", "submit", str(tmp_path / "m.dsse.json"), *conn, "--json"])
+    assert r.exit_code == 0, r.output
+    job_id = json.loads(r.stdout)["job_id"]
+    r = run(qai, ["jobs", "get", job_id, *conn, "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["tenant"] == "org-a"
+    r = run(qai, ["jobs", "list", *conn, "--json"])
+    assert [j["job_id"] for j in json.loads(r.stdout)["jobs"]] == [job_id]
