@@ -28,15 +28,16 @@ from orchestrator.services import Services
 from sdk.audit import ServerSource, export_bundle
 from sdk.canonical import canonical_json
 from sdk.client import Client
-from sdk.dsse import envelope_from_bundle, pae
+from sdk.dsse import Envelope
 from sdk.errors import QaiError
+from sdk.hooks import instrument
 from sdk.ledger import verify_receipt
+from sdk.manifest import dump_yaml, verify_manifest
 from sdk.output import console, print_json, table
 from sdk.signing import KeyDocument, SignatureBundle, verify_bundle
 
 TENANT = "demo-org"
 KEY = "demo-org.manifest"
-PAYLOAD_TYPE = "application/vnd.qai.run-manifest+json"
 
 
 def _step(n: int, title: str, quiet: bool) -> None:
@@ -127,40 +128,72 @@ def run_demo(svc: Services, *, as_json: bool = False) -> dict[str, Any]:
         raise QaiError("audit.chain_broken", "the KMS audit chain does not verify", status=500,
                        details=report.first_break or {})
 
-    _step(7, "Ledger: append signed DSSE envelopes over REST, checkpoint, verify a receipt offline", quiet)
-    submitter = issue_token(svc.db, role=Role.SUBMITTER, tenant=TENANT, label="demo").token
+    _step(7, "Qiskit on Aer through sdk.instrument: every run signs and submits a run-manifest", quiet)
+    signer = issue_token(svc.db, role=Role.SIGNER, tenant=TENANT, label="demo-sdk").token
     auditor = issue_token(svc.db, role=Role.AUDITOR, tenant=None, label="demo-auditor").token
-    with _serve(svc) as url, Client(url, submitter) as client:
-        receipts = []
-        for shots in (1000, 2000, 4000):
-            body = canonical_json({**manifest, "shots": shots})
-            signed = svc.kms.sign(KEY, principal=Principal(subject="demo", role=Role.SIGNER, tenant=TENANT),
-                                  message=pae(PAYLOAD_TYPE, body))
-            envelope = envelope_from_bundle(PAYLOAD_TYPE, body, signed)
-            receipts.append(client.ledger_append("run-manifest", TENANT, envelope.to_bytes()))
+    with _serve(svc) as url, Client(url, signer) as client:
+        from qiskit_aer import AerSimulator
+
+        backend = instrument(AerSimulator(), client=client, tenant=TENANT, key=KEY, em_method="none",
+                             labels={"demo": "bell-ghz"})
+        runs = []
+        for circuit, shots in ((_ghz(2), 1000), (_ghz(3), 2000), (_ghz(4), 4000)):
+            job = backend.run(circuit, shots=shots)
+            runs.append((circuit.num_qubits, shots, job.result().get_counts(), job.qai_manifest))
+        svc.uploader.drain()  # the outbox moves envelopes to the object store (a thread does it in `qai serve`)
+        stored = [client.get_job(m["job_id"]) for *_, m in runs]
+        envelope = Envelope.model_validate(stored[0]["envelope"])
+        offline_key = client.key(KEY)  # a public key document: all an offline verifier needs
         svc.ledger.checkpoint()
-        with Client(url, auditor) as audit_client:
-            receipt = audit_client.ledger_receipt(receipts[-1].index)
-            ledger_key = audit_client.ledger_key()
-            cp = verify_receipt(receipt, ledger_key)
-            bundle_dir = svc.settings.home / "audit-bundle"
-            if bundle_dir.exists():
-                shutil.rmtree(bundle_dir)
-            exported = export_bundle(ServerSource(audit_client), bundle_dir)
-            keys_file = svc.settings.home / "trusted-keys.json"
-            keys_file.write_text(json.dumps([k.model_dump(mode="json") for k in audit_client.list_keys()], indent=1))
+        receipts = [client.ledger_receipt(j["ledger_index"]) for j in stored]
+    checked = verify_manifest(envelope, offline_key)
+    forged = json.loads(envelope.payload_bytes())
+    forged["shots"] = 1
+    try:
+        verify_manifest(envelope.model_copy(update={"payload": base64.b64encode(canonical_json(forged)).decode()}),
+                        offline_key)
+        forged_result = "ACCEPTED (bug)"
+    except QaiError as exc:
+        forged_result = f"rejected ({exc.code})"
+    out["jobs"] = [{"job_id": j["job_id"], "qubits": q, "shots": s, "counts": c, "s3_path": j["s3_path"],
+                    "object_store": svc.objects.location, "uploaded": j["uploaded"], "ledger_index": j["ledger_index"]}
+                   for (q, s, c, _), j in zip(runs, stored, strict=True)]
+    out["manifest_verified_offline"] = {"job_id": str(checked.manifest.job_id),
+                                        "key": f"{KEY}@{checked.version.version}", "tampered": forged_result}
+    if not quiet:
+        table("jobs run through sdk.instrument, stored and ledgered",
+              ["job id", "qubits", "shots", "counts", "object", "ledger entry"],
+              [(j["job_id"][:8] + "…", j["qubits"], j["shots"], j["counts"], f"{svc.objects.location}{j['s3_path']}",
+                j["ledger_index"]) for j in out["jobs"]])
+        console.print("  stored manifest (YAML):")
+        for line in dump_yaml(checked.manifest).splitlines():
+            console.print(f"    {line[:100]}", markup=False)
+        console.print(f"  [green]manifest {checked.manifest.job_id} verified offline[/] with the public key of "
+                      f"{KEY}@{checked.version.version}; tampered copy {forged_result}")
+
+    _step(8, "Ledger: signed checkpoint, inclusion receipt verified offline, bundle exported", quiet)
+    with _serve(svc) as url, Client(url, auditor) as audit_client:
+        receipt = receipts[-1]
+        ledger_key = audit_client.ledger_key()
+        cp = verify_receipt(receipt, ledger_key)
+        bundle_dir = svc.settings.home / "audit-bundle"
+        if bundle_dir.exists():
+            shutil.rmtree(bundle_dir)
+        exported = export_bundle(ServerSource(audit_client), bundle_dir)
+        keys_file = svc.settings.home / "trusted-keys.json"
+        keys_file.write_text(json.dumps([k.model_dump(mode="json") for k in audit_client.list_keys()], indent=1))
     out["ledger"] = {"appended": [r.index for r in receipts], "checkpoint_size": cp.checkpoint.size,
                      "root": cp.checkpoint.root.hex(), "receipt_verified": True, "bundle": str(bundle_dir),
                      "bundle_entries": exported}
     if not quiet:
-        console.print(f"  appended entries {out['ledger']['appended']}; checkpoint of size {cp.checkpoint.size}")
+        console.print(f"  ledger entries {out['ledger']['appended']}; checkpoint of size {cp.checkpoint.size}")
         console.print("  signed checkpoint (C2SP signed note):")
         for line in cp.note.rstrip("\n").split("\n"):
             console.print(f"    {line[:90]}{'…' if len(line) > 90 else ''}", markup=False)
         console.print(f"  [green]receipt of entry {receipt.index} verified offline[/] (leaf, checkpoint, inclusion)")
         console.print(f"  exported {exported} entries to {bundle_dir}")
 
-    _step(8, "Offline audit of the exported bundle: qai audit verify --bundle", quiet)
+    _step(9, "Offline audit of the exported bundle: qai audit verify --bundle", quiet)
     cmd = [sys.executable, "-m", "sdk.cli", "audit", "verify", "--bundle", str(bundle_dir),
            "--keys", str(keys_file), "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -182,6 +215,17 @@ def run_demo(svc: Services, *, as_json: bool = False) -> dict[str, Any]:
         raise QaiError("demo.audit_failed", "the exported ledger does not verify", status=500,
                        details={"first_failure": verdict.get("first_failure")})
     return out
+
+
+def _ghz(n: int) -> Any:
+    from qiskit import QuantumCircuit
+
+    qc = QuantumCircuit(n, n)
+    qc.h(0)
+    for i in range(n - 1):
+        qc.cx(i, i + 1)
+    qc.measure(range(n), range(n))
+    return qc
 
 
 @contextmanager

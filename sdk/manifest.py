@@ -224,8 +224,21 @@ def parse_manifest(data: bytes | Mapping[str, Any]) -> RunManifest:
         raise _invalid(exc, "manifest.invalid") from exc
 
 
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    # QASM reads best as a literal block; trailing spaces would force the quoted style
+    style = "|" if "\n" in data and not any(line.endswith(" ") for line in data.split("\n")) else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
 def dump_yaml(manifest: RunManifest) -> str:
-    return yaml.safe_dump(manifest.model_dump(mode="json", exclude_none=True), sort_keys=True)
+    return yaml.dump(manifest.model_dump(mode="json", exclude_none=True), Dumper=_Dumper, sort_keys=True)
 
 
 # --- signing and verification ----------------------------------------------------------------------

@@ -87,6 +87,9 @@ def test_tokens_and_help(qai) -> None:  # type: ignore[no-untyped-def]
 def test_demo_ends_with_an_offline_audit_of_its_ledger(qai) -> None:  # type: ignore[no-untyped-def]
     out = _json(qai("demo", "--json"))
     assert out["offline_verify"]["tampered"].startswith("rejected")
+    assert [j["shots"] for j in out["jobs"]] == [1000, 2000, 4000]  # Qiskit on Aer through sdk.instrument
+    assert all(j["uploaded"] and j["s3_path"].startswith("manifests/") for j in out["jobs"])
+    assert out["manifest_verified_offline"]["tampered"] == "rejected (signature.invalid)"
     assert out["ledger"]["receipt_verified"] and out["ledger"]["checkpoint_size"] == 3
     audit = out["ledger_audit"]
     assert audit["ok"] and audit["entries"] == 3 and audit["signatures_verified"] == 3
