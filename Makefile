@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := softhsm2 opensc
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup system-packages services demo test lint typecheck bench bench-kms bench-ledger clean
+.PHONY: setup system-packages services demo test lint typecheck bench bench-kms bench-ledger bench-ingest clean
 
 setup: system-packages $(STAMP)
 
@@ -59,7 +59,7 @@ lint:
 typecheck:
 	$(VENV)/bin/mypy
 
-bench: bench-kms bench-ledger
+bench: bench-kms bench-ledger bench-ingest
 
 bench-kms: setup services
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }
@@ -67,6 +67,9 @@ bench-kms: setup services
 
 bench-ledger: setup services
 	$(PY) bench/ledger_bench.py
+
+bench-ingest: setup services
+	$(PY) bench/ingest_bench.py
 
 clean:
 	rm -rf .qai
