@@ -17,6 +17,22 @@ from sdk.manifest import PAYLOAD_TYPE, RunManifest, VerifiedManifest, sign_manif
 from sdk.signing import KeyDocument, SignatureBundle, parse_keyid
 
 
+def _checked(resp: httpx.Response) -> httpx.Response:
+    """The response, or the server's error as the :class:`QaiError` it raised."""
+    if resp.status_code >= 400:
+        try:
+            body = resp.json()
+        except ValueError:
+            body = resp.text
+        raise QaiError.from_body(body, resp.status_code)
+    return resp
+
+
+def _unreachable(url: str, exc: Exception) -> QaiError:
+    return QaiError("client.unreachable", f"cannot reach {url}: {type(exc).__name__}", status=503,
+                    details={"url": url})
+
+
 class Client:
     def __init__(self, url: str, token: str | None = None, *, timeout: float = 30.0,
                  transport: httpx.BaseTransport | None = None) -> None:
@@ -35,17 +51,9 @@ class Client:
 
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:
-            resp = self.http.request(method, path, **kw)
+            return _checked(self.http.request(method, path, **kw))
         except httpx.TransportError as exc:
-            raise QaiError("client.unreachable", f"cannot reach {self.url}: {type(exc).__name__}", status=503,
-                           details={"url": self.url}) from exc
-        if resp.status_code >= 400:
-            try:
-                body = resp.json()
-            except ValueError:
-                body = resp.text
-            raise QaiError.from_body(body, resp.status_code)
-        return resp
+            raise _unreachable(self.url, exc) from exc
 
     def get_json(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params={k: v for k, v in params.items() if v is not None}).json()
@@ -154,17 +162,9 @@ class AsyncClient:
 
     async def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:
-            resp = await self.http.request(method, path, **kw)
+            return _checked(await self.http.request(method, path, **kw))
         except httpx.TransportError as exc:
-            raise QaiError("client.unreachable", f"cannot reach {self.url}: {type(exc).__name__}", status=503,
-                           details={"url": self.url}) from exc
-        if resp.status_code >= 400:
-            try:
-                body = resp.json()
-            except ValueError:
-                body = resp.text
-            raise QaiError.from_body(body, resp.status_code)
-        return resp
+            raise _unreachable(self.url, exc) from exc
 
     async def sign(self, key: str, message: bytes) -> SignatureBundle:
         body = {"message": base64.b64encode(message).decode()}

@@ -16,7 +16,6 @@ import boto3
 import httpx
 import pytest
 import yaml
-from moto.server import ThreadedMotoServer
 from pydantic import SecretStr
 from sqlalchemy import func, select
 
@@ -34,15 +33,6 @@ from sdk.manifest import PAYLOAD_TYPE, RunManifest, sign_manifest
 from tests.conftest import LiveServer
 from tests.ledger_helpers import ledger_services
 from tests.test_manifest import manifest
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture(params=["postgresql+s3", "sqlite+local"])

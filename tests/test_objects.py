@@ -8,7 +8,6 @@ from pathlib import Path
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 from pydantic import SecretStr
 
 from orchestrator.db import Database
@@ -18,15 +17,6 @@ from orchestrator.settings import Settings
 from sdk.checkpoint import verify_checkpoint
 from sdk.errors import QaiError
 from tests.ledger_helpers import ledger_services, signed_envelopes
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 def _s3_settings(base: Settings, endpoint: str, bucket: str) -> Settings:
