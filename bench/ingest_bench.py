@@ -5,10 +5,13 @@
 (a) **crypto-bound limit**: one ML-DSA-65 sign plus one verify per job with ``cryptography``, on
     every core (one process per core) — no HSM, no HTTP, no database.
 (b) **end to end**: ``qai serve`` (PostgreSQL, a fresh database; SoftHSM; local object directory)
-    and ``--clients`` threads, each job signed through the KMS API (``POST /v1/keys/{k}/sign``,
-    hybrid ML-DSA-65 + in-HSM ECDSA) and then submitted (``POST /v1/jobs``: verified, indexed,
-    ledgered, outboxed). jobs/s, p50 and p99 per job.
-(c) **single-job latency at half of (b)'s rate**: one client paced to half the measured rate, p99.
+    and ``--clients`` threads using the SDK's batch calls: ``--batch`` manifests signed through the
+    KMS in one request (``POST /v1/keys/{k}/sign-batch``, hybrid ML-DSA-65 + in-HSM ECDSA, audited)
+    and submitted in one (``POST /v1/jobs/batch``: each verified, indexed, ledgered, outboxed).
+    jobs/s, and p50/p99 of a batch's latency. (b1) is the same with one job per request, for
+    reference.
+(c) **single-job latency at half of (b)'s rate**: background batches paced to half of (b)'s
+    rate while a probe submits single jobs (one sign request, one POST) back to back; their p99.
 
 Targets (issue 4): (b) >= 0.4 x (a), and (c) p99 <= 100 ms.
 """
@@ -26,8 +29,10 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import cast
 
 import httpx
 from sqlalchemy import create_engine, text
@@ -37,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from orchestrator.auth import Principal, Role, create_tenant, issue_token
 from orchestrator.services import build_services
 from orchestrator.settings import Settings
+from sdk.client import Client
 from sdk.dsse import envelope_from_bundle, pae
 from sdk.manifest import PAYLOAD_TYPE, new_manifest
 from sdk.signing import SignatureBundle
@@ -72,6 +78,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 def submit_one(c: httpx.Client, tenant: str) -> float:
+    """One job, one request each way: sign through the KMS, then POST /v1/jobs."""
     t = time.perf_counter()
     m = new_manifest(tenant=tenant, qasm=QASM, shots=1000, job_id=uuid.uuid4())
     payload = m.to_bytes()
@@ -84,15 +91,47 @@ def submit_one(c: httpx.Client, tenant: str) -> float:
     return time.perf_counter() - t
 
 
+def submit_batch(c: Client, tenant: str, n: int) -> float:
+    """``n`` jobs through the SDK's batch calls: one sign-batch request, one jobs/batch request."""
+    t = time.perf_counter()
+    manifests = [new_manifest(tenant=tenant, qasm=QASM, shots=1000, job_id=uuid.uuid4()) for _ in range(n)]
+    results = c.create_jobs(manifests, "bench.manifests")
+    bad = [r for r in results if r.get("status") != 201]
+    if bad or len(results) != n:
+        raise SystemExit(f"batch submit failed: {bad[:1]}")
+    return time.perf_counter() - t
+
+
+def run_load(seconds: float, clients: int, work: Callable[[], tuple[int, float]]) -> tuple[float, list[float]]:
+    """``clients`` threads calling ``work`` (-> jobs done, latency) for ``seconds``; jobs/s and
+    the per-job latencies (a batch's latency counts once per job in it)."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    stop = time.perf_counter() + seconds
+
+    def client() -> None:
+        while time.perf_counter() < stop:
+            n, lat = work()
+            with lock:
+                latencies.extend([lat] * n)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return len(latencies) / (time.perf_counter() - start), latencies
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2, help="uvicorn workers of qai serve")
+    ap.add_argument("--batch", type=int, default=100, help="jobs per sign-batch and jobs/batch request in (b)")
     args = ap.parse_args()
 
-    limit = crypto_limit(args.seconds)
-    print(f"(a) crypto-bound limit (ML-DSA-65 sign + verify, {os.cpu_count()} cores): {limit:8.1f} jobs/s")
 
     db_name = f"qai_bench_{uuid.uuid4().hex[:8]}"
     admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
@@ -110,7 +149,7 @@ def main() -> None:
     server = subprocess.Popen([sys.executable, "-m", "sdk.cli", "serve", "--port", str(port),
                                "--workers", str(args.workers)], env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
-    results: dict[str, float] = {"crypto_limit_jobs_per_s": limit}
+    results: dict[str, float] = {}
     try:
         for _ in range(300):
             try:
@@ -120,45 +159,70 @@ def main() -> None:
                 pass
             time.sleep(0.1)
         headers = {"Authorization": f"Bearer {token}"}
-        with httpx.Client(base_url=url, headers=headers, timeout=60) as c:
-            for _ in range(20):
-                submit_one(c, "bench")  # warm-up
-        latencies: list[float] = []
-        lock = threading.Lock()
-        stop = time.perf_counter() + args.seconds
+        local = threading.local()
 
-        def client() -> None:
-            with httpx.Client(base_url=url, headers=headers, timeout=60) as c:
-                while time.perf_counter() < stop:
-                    lat = submit_one(c, "bench")
-                    with lock:
-                        latencies.append(lat)
+        def sdk_client() -> Client:
+            if not hasattr(local, "c"):
+                local.c = Client(url, token, timeout=120)
+            return cast(Client, local.c)
+
+        def http_client() -> httpx.Client:
+            if not hasattr(local, "h"):
+                local.h = httpx.Client(base_url=url, headers=headers, timeout=60)
+            return cast(httpx.Client, local.h)
+
+        submit_batch(sdk_client(), "bench", args.batch)  # warm-up
+        for _ in range(20):
+            submit_one(http_client(), "bench")
+
+        # The machine's speed drifts (shared cores): (a) is measured right before (b), on the same
+        # cores, with the server warm and idle. (After (b) the uploader is still draining.)
+        limit = crypto_limit(args.seconds)
+        rate, lat = run_load(args.seconds, args.clients,
+                             lambda: (args.batch, submit_batch(sdk_client(), "bench", args.batch)))
+        results.update(crypto_limit_jobs_per_s=limit)
+        print(f"(a) crypto-bound limit (ML-DSA-65 sign + verify, {os.cpu_count()} cores): {limit:8.1f} jobs/s")
+        results.update(e2e_jobs_per_s=rate, e2e_p50_ms=statistics.median(lat) * 1000, e2e_p99_ms=pct(lat, 0.99) * 1000,
+                       ratio=rate / limit, batch=args.batch)
+        print(f"(b) end to end, {args.clients} clients x batches of {args.batch}: {rate:8.1f} jobs/s  "
+              f"p50 {results['e2e_p50_ms']:.1f} ms  p99 {results['e2e_p99_ms']:.1f} ms per batch  "
+              f"ratio to (a) {rate / limit:.2f}x  (target >= 0.4x)")
+
+        one_rate, one_lat = run_load(args.seconds, args.clients, lambda: (1, submit_one(http_client(), "bench")))
+        results.update(single_requests_jobs_per_s=one_rate, single_requests_p50_ms=statistics.median(one_lat) * 1000,
+                       single_requests_p99_ms=pct(one_lat, 0.99) * 1000)
+        print(f"(b1) end to end, {args.clients} clients, one job per request: {one_rate:8.1f} jobs/s  "
+              f"p50 {results['single_requests_p50_ms']:.1f} ms  p99 {results['single_requests_p99_ms']:.1f} ms  "
+              f"ratio to (a) {one_rate / limit:.2f}x  (for reference)")
+
+        # (c): background batches paced to half of (b)'s rate, and one probe client submitting
+        # single jobs (one sign request, one POST) back to back; the probe's latencies are (c).
+        target = rate / 2
+        stop = time.perf_counter() + args.seconds
+        done = [0]
+
+        def background() -> None:
+            nxt = time.perf_counter()
+            while time.perf_counter() < stop:
+                submit_batch(sdk_client(), "bench", args.batch)
+                done[0] += args.batch
+                nxt += args.batch * max(1, args.clients - 1) / target
+                time.sleep(max(0.0, nxt - time.perf_counter()))
 
         start = time.perf_counter()
-        threads = [threading.Thread(target=client) for _ in range(args.clients)]
-        for t in threads:
+        loaders = [threading.Thread(target=background) for _ in range(max(1, args.clients - 1))]
+        for t in loaders:
             t.start()
-        for t in threads:
+        probe: list[float] = []
+        while time.perf_counter() < stop:
+            probe.append(submit_one(http_client(), "bench"))
+        for t in loaders:
             t.join()
-        rate = len(latencies) / (time.perf_counter() - start)
-        results.update(e2e_jobs_per_s=rate, e2e_p50_ms=statistics.median(latencies) * 1000,
-                       e2e_p99_ms=pct(latencies, 0.99) * 1000, ratio=rate / limit)
-        print(f"(b) end to end, {args.clients} clients: {rate:8.1f} jobs/s  p50 {results['e2e_p50_ms']:.1f} ms  "
-              f"p99 {results['e2e_p99_ms']:.1f} ms  ratio to (a) {rate / limit:.2f}x  (target >= 0.4x)")
-
-        paced: list[float] = []
-        interval = 2.0 / rate
-        with httpx.Client(base_url=url, headers=headers, timeout=60) as c:
-            nxt = time.perf_counter()
-            stop = nxt + args.seconds
-            while time.perf_counter() < stop:
-                paced.append(submit_one(c, "bench"))
-                nxt += interval
-                time.sleep(max(0.0, nxt - time.perf_counter()))
-        results.update(single_rate_jobs_per_s=1 / interval, single_p50_ms=statistics.median(paced) * 1000,
-                       single_p99_ms=pct(paced, 0.99) * 1000)
-        print(f"(c) one client paced at {1 / interval:.1f} jobs/s: p50 {results['single_p50_ms']:.1f} ms  "
-              f"p99 {results['single_p99_ms']:.1f} ms  (target p99 <= 100 ms)")
+        achieved = (done[0] + len(probe)) / (time.perf_counter() - start)
+        results.update(paced_jobs_per_s=achieved, single_p50_ms=statistics.median(probe) * 1000,
+                       single_p99_ms=pct(probe, 0.99) * 1000)
+        print(f"(c) single jobs while the service ingests {achieved:.1f} jobs/s (half of (b)): "
+              f"p50 {results['single_p50_ms']:.1f} ms  p99 {results['single_p99_ms']:.1f} ms  (target p99 <= 100 ms)")
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -17,15 +17,17 @@ import hashlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import JSON, DateTime, Engine, create_engine, event, text
+from sqlalchemy import JSON, DateTime, Engine, Insert, Table, create_engine, event, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -82,7 +84,8 @@ def _configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if _immediate.get() else "BEGIN")
 
 
-def make_engine(url: str, *, schema: str | None = None, pool_size: int = 10) -> Engine:
+def make_engine(url: str, *, schema: str | None = None, pool_size: int = 10,
+                ping_idle_seconds: float = 5.0) -> Engine:
     """An engine for ``url``. ``schema`` pins PostgreSQL's search_path (used for test isolation)."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -91,13 +94,44 @@ def make_engine(url: str, *, schema: str | None = None, pool_size: int = 10) -> 
     connect_args: dict[str, Any] = {}
     if schema:
         connect_args["options"] = f"-csearch_path={schema}"
-    return create_engine(
-        url, connect_args=connect_args, pool_size=pool_size, max_overflow=20, pool_pre_ping=True
-    )
+    engine = create_engine(url, connect_args=connect_args, pool_size=pool_size, max_overflow=20)
+    _ping_when_idle(engine, ping_idle_seconds)
+    return engine
+
+
+def _ping_when_idle(engine: Engine, idle_seconds: float) -> None:
+    """SQLAlchemy's pessimistic disconnect handling ("pre-ping"), but only for a connection that
+    sat idle in the pool for over ``idle_seconds``: a busy pool skips a round trip per checkout,
+    and a connection that a database restart broke while idle is still replaced before use."""
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since <= idle_seconds:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:  # the pool discards this connection and checks out another
+            raise DisconnectionError(f"idle connection is gone: {type(exc).__name__}") from exc
+
+
+def insert_or_ignore(table: Table, dialect: str) -> Insert:
+    """``INSERT … ON CONFLICT DO NOTHING`` on PostgreSQL and SQLite: a duplicate key is a rowcount
+    of 0, not an error that would abort the transaction."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    return (postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)).on_conflict_do_nothing()
 
 
 def _lock_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+_local_locks: dict[tuple[str, str], threading.Lock] = {}
 
 
 class Database:
@@ -133,6 +167,31 @@ class Database:
                 yield session
         finally:
             _immediate.reset(token)
+
+    @contextmanager
+    def try_lock(self, name: str) -> Iterator[bool]:
+        """A lock for background work that one process at a time should do: yields True if this
+        caller holds it (a PostgreSQL session advisory lock; on SQLite, whose database serves one
+        process, a lock of this process), False at once if someone else does."""
+        if self.dialect != "postgresql":
+            lock = _local_locks.setdefault((self.url, name), threading.Lock())
+            mine = lock.acquire(blocking=False)
+            try:
+                yield mine
+            finally:
+                if mine:
+                    lock.release()
+            return
+        with self.engine.connect() as conn:
+            key = {"k": _lock_key(name)}
+            mine = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), key).scalar())
+            conn.commit()
+            try:
+                yield mine
+            finally:
+                if mine:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), key)
+                    conn.commit()
 
     def ping(self) -> None:
         try:

@@ -18,25 +18,28 @@ import base64
 import json
 import logging
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import LargeBinary, String, Text, select, update
+from sqlalchemy import LargeBinary, String, Table, Text, bindparam, func, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.types import BigInteger, Integer
 
 from orchestrator.auth import Principal, Role, get_tenant
-from orchestrator.db import Base, Database, UTCDateTime, utcnow
+from orchestrator.db import Base, Database, UTCDateTime, insert_or_ignore, utcnow
 from orchestrator.ledger import Ledger, LedgerWrite
 from orchestrator.objects import ObjectStore
 from sdk.dsse import Envelope, envelope_bytes
 from sdk.errors import QaiError, VerificationError
 from sdk.ledger import IndexedEntry, LedgerEntry, Receipt, sha256_hex
 from sdk.manifest import RunManifest, check_crypto_mode, load_document, verify_manifest
-from sdk.signing import parse_keyid
+from sdk.signing import KeyDocument, parse_keyid
 
 log = logging.getLogger(__name__)
+MAX_BATCH = 1000  # envelopes per POST /v1/jobs/batch (the request size limit usually binds first)
 JOB_STATUSES = ("pending", "queued", "running", "completed", "failed", "cancelled")
 
 
@@ -63,6 +66,9 @@ class ManifestRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     submitted_at: Mapped[datetime] = mapped_column(UTCDateTime())
     submitted_by: Mapped[str] = mapped_column(String(128))
+
+
+MANIFESTS: Table = ManifestRow.__table__  # type: ignore[assignment]
 
 
 def object_key(envelope_sha256: str) -> str:
@@ -102,7 +108,52 @@ def check_policy(policy: dict[str, Any], manifest: RunManifest, suite: str) -> N
                        status=403, details={"allowed": list(backends)})
 
 
+def _conflict(job_id: str) -> QaiError:
+    return QaiError("job.conflict", f"job {job_id} exists with different content", status=409,
+                    details={"job_id": job_id})
+
+
+@dataclass
+class _Accepted:
+    """A submission that passed every check, on its way to the index and the ledger."""
+
+    row: dict[str, Any]  # the manifests row
+    entry: LedgerEntry
+    positions: list[int] = field(default_factory=list)  # where the batch carries it
+    outcome: Submitted | QaiError | None = None
+
+    @property
+    def job_id(self) -> str:
+        return str(self.row["job_id"])
+
+    @property
+    def digest(self) -> str:
+        return str(self.row["envelope_sha256"])
+
+
+
+def _store_rows(accepted: Sequence[_Accepted]) -> LedgerWrite:
+    """The ledger write of a batch: index rows inserted in bulk, then linked to their entries."""
+
+    def insert(s: Session) -> list[BaseException | None]:
+        # Runs under the ledger lock: a concurrent submission of the same job has either committed
+        # (and its row is kept here, untouched) or waits for this transaction.
+        stmt = insert_or_ignore(MANIFESTS, s.get_bind().dialect.name).returning(MANIFESTS.c.job_id)
+        stored = set(s.connection().scalars(stmt, [a.row for a in accepted]))  # one multi-row INSERT
+        return [None if a.job_id in stored else
+                QaiError("job.exists", f"job {a.job_id} was stored concurrently", status=409) for a in accepted]
+
+    def link(s: Session, entries: Sequence[IndexedEntry]) -> None:
+        by_digest = {a.digest: a.job_id for a in accepted}
+        s.connection().execute(
+            update(MANIFESTS).where(MANIFESTS.c.job_id == bindparam("jid")).values(ledger_index=bindparam("idx")),
+            [{"jid": by_digest[e.sha256], "idx": e.index} for e in entries])
+
+    return LedgerWrite([a.entry for a in accepted], before=insert, after=link)
+
+
 class Jobs:
+
     def __init__(self, db: Database, ledger: Ledger, objects: ObjectStore, kms_public_key: Any) -> None:
         self.db = db
         self.ledger = ledger
@@ -111,60 +162,140 @@ class Jobs:
         ledger.object_fallbacks.append(self._outbox_bytes)
 
     def submit(self, body: bytes, principal: Principal) -> Submitted:
-        env = _envelope(load_document(body))
-        try:
-            name = parse_keyid(env.signatures[0].keyid)[0]
-            key = self.public_key(name)
-        except QaiError as exc:
-            if exc.code != "kms.key_not_found":
-                raise
-            raise VerificationError("signature.unknown_key", f"no key named {name!r}", details={"key": name}) from exc
+        """Submit one envelope (JSON or YAML bytes); raises the :class:`QaiError` that rejects it."""
+        result = self.submit_many([load_document(body)], principal)[0]
+        if isinstance(result, QaiError):
+            raise result
+        return result
+
+    def submit_batch(self, body: bytes, principal: Principal) -> list[Submitted | QaiError]:
+        """``{"envelopes": [...]}`` (JSON or YAML bytes) → one result per envelope, in order."""
+        document = load_document(body, max_bytes=len(body))  # the HTTP layer bounds the size
+        envelopes = document.get("envelopes") if isinstance(document, dict) else None
+        if not isinstance(envelopes, list) or set(document) != {"envelopes"}:
+            raise QaiError("job.bad_batch", 'a batch is {"envelopes": [envelope, ...]}', status=422)
+        if not 1 <= len(envelopes) <= MAX_BATCH:
+            raise QaiError("job.bad_batch", f"a batch holds 1 to {MAX_BATCH} envelopes, not {len(envelopes)}",
+                           status=422, details={"max": MAX_BATCH})
+        return self.submit_many(envelopes, principal)
+
+    def submit_many(self, documents: Sequence[Any], principal: Principal) -> list[Submitted | QaiError]:
+        """Submit parsed envelopes; one result per document, in order.
+
+        Each document stands alone: a rejected one gets its error and leaves nothing behind, the
+        others are stored. Key documents and tenant policies are read once per batch, existing
+        jobs in one query, and every new job is ledgered in one shared transaction.
+        """
+        results: list[Submitted | QaiError | None] = [None] * len(documents)
+        keys: dict[str, KeyDocument | QaiError] = {}
+        policies: dict[str, dict[str, Any] | QaiError] = {}
+        accepted: dict[str, _Accepted] = {}  # job_id -> the first valid submission in this batch
+        repeats: list[tuple[int, _Accepted]] = []
+        for pos, document in enumerate(documents):
+            try:
+                a = self._check(document, principal, keys, policies)
+            except QaiError as exc:
+                results[pos] = exc
+                continue
+            first = accepted.get(a.job_id)
+            if first is None:
+                accepted[a.job_id] = a
+                a.positions.append(pos)
+            elif first.digest == a.digest:
+                repeats.append((pos, first))
+            else:
+                results[pos] = _conflict(a.job_id)
+        for a in self._known(accepted):  # submitted before this batch: answered from the index
+            del accepted[a.job_id]
+            results[a.positions[0]] = a.outcome
+        todo = list(accepted.values())
+        outcomes = self.ledger.submit([_store_rows(todo)]).result() if todo else []
+        appended = [o for o in outcomes if not isinstance(o, BaseException)]
+        receipts = iter(self.ledger.receipts(appended))
+        for a, outcome in zip(todo, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                a.outcome = self._after_failure(a, outcome)
+            else:
+                a.outcome = Submitted(a.job_id, True, next(receipts))
+            results[a.positions[0]] = a.outcome
+        for pos, first in repeats:
+            out = first.outcome
+            results[pos] = Submitted(out.job_id, False, out.receipt) if isinstance(out, Submitted) else out
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+    def _check(self, document: Any, principal: Principal, keys: dict[str, KeyDocument | QaiError],
+               policies: dict[str, dict[str, Any] | QaiError]) -> _Accepted:
+        """Everything that needs no write: envelope, signatures, crypto mode, role, tenant policy."""
+        env = _envelope(document)
+        name = parse_keyid(env.signatures[0].keyid)[0]
+        if name not in keys:
+            try:
+                keys[name] = self.public_key(name)
+            except QaiError as exc:
+                keys[name] = exc if exc.code != "kms.key_not_found" else VerificationError(
+                    "signature.unknown_key", f"no key named {name!r}", details={"key": name})
+        key = keys[name]
+        if isinstance(key, QaiError):
+            raise key
         verified = verify_manifest(env, key)
         m = verified.manifest
         principal.require(m.tenant, Role.SUBMITTER, Role.SIGNER, Role.OPERATOR, action="submitting a job")
-        check_policy(get_tenant(self.db, m.tenant).crypto_policy or {}, m, key.suite)
+        if m.tenant not in policies:
+            try:
+                policies[m.tenant] = get_tenant(self.db, m.tenant).crypto_policy or {}
+            except QaiError as exc:
+                policies[m.tenant] = exc
+        policy = policies[m.tenant]
+        if isinstance(policy, QaiError):
+            raise policy
+        check_policy(policy, m, key.suite)
         data = envelope_bytes(env)
         digest = sha256_hex(data)
-        job_id = str(m.job_id)
-        existing = self._existing(job_id, digest)
-        if existing is not None:
-            return existing
         now = utcnow()
-        row = ManifestRow(
-            job_id=job_id, tenant=m.tenant, backend_id=m.backend_id, pqc_suite=m.pqc_suite,
+        row = dict(
+            job_id=str(m.job_id), tenant=m.tenant, backend_id=m.backend_id, pqc_suite=m.pqc_suite,
             crypto_mode=m.crypto_mode, calibration_snapshot_id=m.calibration_snapshot_id, em_method=m.em_method,
             priority_class=m.priority_class, signature=json.dumps([s.model_dump() for s in env.signatures]),
             key_name=key.name, key_version=verified.version.version, envelope_sha256=digest,
             s3_path=object_key(digest), envelope=data, uploaded_at=None, ledger_index=None, status="pending",
             created_at=m.created_at, submitted_at=now, submitted_by=principal.subject)
-
-        def before(s: Session) -> None:
-            s.add(row)
-            s.flush()
-
-        def after(s: Session, e: IndexedEntry) -> None:
-            s.execute(update(ManifestRow).where(ManifestRow.job_id == job_id).values(ledger_index=e.index))
-
         entry = LedgerEntry(type="run-manifest", sha256=digest, path=object_key(digest), tenant=m.tenant, time=now)
-        result = self.ledger.submit([LedgerWrite(entry, before=before, after=after)]).result()[0]
-        if isinstance(result, BaseException):
-            again = self._existing(job_id, digest)  # a concurrent submission of the same job won
-            if again is not None:
-                return again
-            raise result
-        return Submitted(job_id, True, self.ledger.receipt(result.index))
+        return _Accepted(row, entry)
 
-    def _existing(self, job_id: str, digest: str) -> Submitted | None:
+    def _known(self, accepted: dict[str, _Accepted]) -> list[_Accepted]:
+        """The accepted jobs that are already stored, with their outcome set (or job.conflict)."""
+        if not accepted:
+            return []
         with self.db.read() as s:
-            row = s.get(ManifestRow, job_id)
-        if row is None:
-            return None
-        if row.envelope_sha256 != digest:
-            raise QaiError("job.conflict", f"job {job_id} exists with different content", status=409,
-                           details={"job_id": job_id})
-        if row.ledger_index is None:
-            raise QaiError("job.corrupt", f"job {job_id} has no ledger entry", status=500)
-        return Submitted(job_id, False, self.ledger.receipt(row.ledger_index))
+            rows = s.execute(select(ManifestRow.job_id, ManifestRow.envelope_sha256, ManifestRow.ledger_index)
+                             .where(ManifestRow.job_id.in_(list(accepted)))).all()
+        known = []
+        for job_id, digest, index in rows:
+            a = accepted[job_id]
+            a.outcome = self._stored(job_id, a.digest, digest, index)
+            known.append(a)
+        return known
+
+    def _stored(self, job_id: str, digest: str, stored_digest: str, index: int | None) -> Submitted | QaiError:
+        if stored_digest != digest:
+            return _conflict(job_id)
+        if index is None:
+            return QaiError("job.corrupt", f"job {job_id} has no ledger entry", status=500)
+        return Submitted(job_id, False, self.ledger.receipt(index))
+
+    def _after_failure(self, a: _Accepted, exc: BaseException) -> Submitted | QaiError:
+        # Most often a concurrent submission of the same job won the insert: answer as for a resubmission.
+        with self.db.read() as s:
+            row = s.execute(select(ManifestRow.envelope_sha256, ManifestRow.ledger_index)
+                            .where(ManifestRow.job_id == a.job_id)).first()
+        if row is not None:
+            return self._stored(a.job_id, a.digest, row[0], row[1])
+        if isinstance(exc, QaiError):
+            return exc
+        log.error("storing job %s failed", a.job_id, exc_info=exc)
+        return QaiError("job.store_failed", f"job {a.job_id} could not be stored", status=500,
+                        details={"job_id": a.job_id})
 
     def get(self, job_id: str, principal: Principal) -> dict[str, Any]:
         with self.db.read() as s:
@@ -226,31 +357,50 @@ class Uploader:
         self._thread: threading.Thread | None = None
 
     def run_once(self) -> int:
-        """Upload one batch; returns how many objects were moved."""
+        """Upload one batch; returns how many objects were moved. Every worker of ``qai serve``
+        runs an uploader, but one at a time uploads: the others would only repeat its writes."""
+        with self.db.try_lock("outbox-uploader") as mine:
+            return self._upload_batch() if mine else 0
+
+    def _upload_batch(self) -> int:
         with self.db.read() as s:
             pending = s.execute(select(ManifestRow.job_id, ManifestRow.s3_path, ManifestRow.envelope_sha256,
                                        ManifestRow.envelope)
-                                .where(ManifestRow.uploaded_at.is_(None)).limit(self.batch)).all()
-        moved = 0
-        for job_id, path, digest, data in pending:
-            if data is None:
-                continue
+                                .where(ManifestRow.uploaded_at.is_(None), ManifestRow.envelope.is_not(None))
+                                .limit(self.batch)).all()
+        stored = self.objects.put_many([(p.s3_path, p.envelope) for p in pending])  # write-once: retries are safe
+        moved: list[dict[str, Any]] = []
+        for p, error in zip(pending, stored, strict=True):
             try:
-                self.objects.put(path, data)  # write-once and idempotent: a retry after a crash is safe
-                if sha256_hex(self.objects.get(path)) != digest:
-                    raise QaiError("object.corrupt", f"stored {path} does not hash to {digest}", status=500)
+                if error is not None:
+                    raise error
+                if sha256_hex(self.objects.get(p.s3_path)) != p.envelope_sha256:
+                    raise QaiError("object.corrupt", f"stored {p.s3_path} does not hash to {p.envelope_sha256}",
+                                   status=500)
             except QaiError as exc:
-                log.warning("outbox upload of %s failed (%s); will retry", path, exc.code)
+                log.warning("outbox upload of %s failed (%s); will retry", p.s3_path, exc.code)
                 continue
+            moved.append({"jid": p.job_id})
+        if moved:  # one statement for the batch: the uploader must stay cheap next to ingest
             with self.db.write() as s:
-                s.execute(update(ManifestRow).where(ManifestRow.job_id == job_id, ManifestRow.uploaded_at.is_(None))
-                          .values(uploaded_at=utcnow(), envelope=None))
-            moved += 1
-        return moved
+                s.connection().execute(
+                    update(MANIFESTS).where(MANIFESTS.c.job_id == bindparam("jid"), MANIFESTS.c.uploaded_at.is_(None))
+                    .values(uploaded_at=utcnow(), envelope=None), moved)
+        return len(moved)
 
-    def drain(self) -> None:
-        while self.run_once():
-            pass
+    def pending(self) -> int:
+        with self.db.read() as s:
+            return int(s.scalar(select(func.count()).select_from(ManifestRow).where(
+                ManifestRow.uploaded_at.is_(None), ManifestRow.envelope.is_not(None))) or 0)
+
+    def drain(self, timeout: float = 120.0) -> None:
+        """Upload until the outbox is empty, waiting for another uploader that holds the lock."""
+        deadline = time.monotonic() + timeout
+        while self.pending():
+            if not self.run_once():
+                if time.monotonic() > deadline:
+                    raise QaiError("outbox.stuck", f"{self.pending()} envelopes could not be uploaded", status=503)
+                time.sleep(0.05)
 
     def start(self) -> None:
         if self._thread is not None:

@@ -10,6 +10,8 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from orchestrator.http import PrincipalDep, ServicesDep
+from orchestrator.jobs import MAX_BATCH
+from sdk.errors import QaiError
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -23,6 +25,24 @@ async def submit(request: Request, svc: ServicesDep, who: PrincipalDep) -> JSONR
     done = await run_in_threadpool(svc.jobs.submit, body, who)
     content = {"job_id": done.job_id, "created": done.created, "receipt": done.receipt.model_dump(mode="json")}
     return JSONResponse(content, status_code=201 if done.created else 200)
+
+
+@router.post("/batch", summary="Submit many signed run-manifests; one result per envelope, in order",
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
+                 "type": "object", "required": ["envelopes"],
+                 "properties": {"envelopes": {"type": "array", "items": {"type": "object"},
+                                              "maxItems": MAX_BATCH}}}}}}})
+async def submit_batch(request: Request, svc: ServicesDep, who: PrincipalDep) -> dict[str, Any]:
+    """Each envelope is checked and stored as by ``POST /v1/jobs`` and stands alone: a rejected
+    one carries its error (``status`` and ``error``) and leaves nothing behind; the others are
+    stored (``status`` 201, or 200 for a resubmission). The response is 200 whatever the items say."""
+    body = await request.body()
+    results = await run_in_threadpool(svc.jobs.submit_batch, body, who)
+    return {"results": [
+        r.to_body() | {"status": r.status} if isinstance(r, QaiError) else
+        {"status": 201 if r.created else 200, "job_id": r.job_id, "created": r.created,
+         "receipt": r.receipt.model_dump(mode="json")}
+        for r in results]}
 
 
 @router.get("/{job_id}", summary="A job: envelope, status, storage locations and ledger index")

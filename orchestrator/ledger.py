@@ -94,16 +94,19 @@ def _indexed(row: LedgerEntryRow) -> IndexedEntry:
 
 @dataclass(frozen=True)
 class LedgerWrite:
-    """An entry plus the caller's own rows, written in the same transaction as the entry.
+    """Entries plus the caller's own rows for them, written in the entries' transaction.
 
-    ``before`` runs first, in a savepoint: if it raises (a duplicate key, say), only this write
-    fails, and its entry is not appended, so the ledger has no orphan entries and the index has no
-    unledgered rows. ``after`` receives the entry's index once it is assigned.
+    ``before`` runs first, in a savepoint, and writes the caller's rows in bulk. It returns, per
+    entry, ``None`` to append it or the exception that rejects it (a duplicate key, say), having
+    written nothing for a rejected entry; returning ``None`` instead of a list accepts them all. If
+    it raises, this write alone fails and none of its entries is appended, so the ledger has no
+    orphan entries and the caller's index has no unledgered rows. ``after`` receives the appended
+    entries, in order, once their indices are assigned.
     """
 
-    entry: LedgerEntry
-    before: Callable[[Session], None] | None = None
-    after: Callable[[Session, IndexedEntry], None] | None = None
+    entries: Sequence[LedgerEntry]
+    before: Callable[[Session], Sequence[BaseException | None] | None] | None = None
+    after: Callable[[Session, Sequence[IndexedEntry]], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,7 @@ class Ledger:
         self.kms = kms
         self.objects = objects
         self.config = config or LedgerConfig()
-        self._writer: GroupCommit[LedgerEntry | LedgerWrite, IndexedEntry | BaseException] = GroupCommit(
+        self._writer: GroupCommit[LedgerEntry | LedgerWrite, list[IndexedEntry | BaseException]] = GroupCommit(
             db, LEDGER_LOCK, self._apply, name="ledger-sequencer", max_batch=self.config.max_batch)
         self._frontier: merkle.CompactRange | None = None  # after the last committed batch
         self._pending: merkle.CompactRange | None = None
@@ -189,7 +192,17 @@ class Ledger:
     # --- appending ------------------------------------------------------------------------------
 
     def submit(self, entries: Iterable[LedgerEntry | LedgerWrite]) -> Future[list[IndexedEntry | BaseException]]:
-        return self._writer.submit(entries)
+        """Queue entries and writes; the future has one result per entry, writes' entries inline."""
+        flat: Future[list[IndexedEntry | BaseException]] = Future()
+
+        def done(f: Future[list[list[IndexedEntry | BaseException]]]) -> None:
+            try:
+                flat.set_result([r for per_item in f.result() for r in per_item])
+            except BaseException as exc:
+                flat.set_exception(exc)
+
+        self._writer.submit(entries).add_done_callback(done)
+        return flat
 
     def append(self, entries: Iterable[LedgerEntry | LedgerWrite]) -> list[IndexedEntry]:
         """Append and wait for the commit; raises the first write's error, if any failed."""
@@ -213,32 +226,44 @@ class Ledger:
                             time=at or utcnow())
         return self.append([entry])[0]
 
-    def _apply(self, session: Session, items: list[LedgerEntry | LedgerWrite]) -> list[IndexedEntry | BaseException]:
-        writes = [i if isinstance(i, LedgerWrite) else LedgerWrite(i) for i in items]
-        results: list[IndexedEntry | BaseException | None] = [None] * len(writes)
-        accepted: list[int] = []
+    def _apply(self, session: Session, items: list[LedgerEntry | LedgerWrite]
+               ) -> list[list[IndexedEntry | BaseException]]:
+        """One result list per item: an entry's index, or the exception that rejected it."""
+        writes = [i if isinstance(i, LedgerWrite) else LedgerWrite([i]) for i in items]
+        results: list[list[IndexedEntry | BaseException | None]] = [[None] * len(w.entries) for w in writes]
+        accepted: list[tuple[int, int]] = []  # (write, entry) in append order
         for pos, w in enumerate(writes):
-            if w.before is None:
-                accepted.append(pos)
-                continue
-            try:
-                with session.begin_nested():
-                    w.before(session)
-                accepted.append(pos)
-            except Exception as exc:  # this write alone fails; the batch goes on
-                results[pos] = exc
-        out, self._pending = _append(session, [writes[p].entry for p in accepted], self._frontier)
-        for pos, indexed in zip(accepted, out, strict=True):
+            verdicts: Sequence[BaseException | None] | None = None
+            if w.before is not None:
+                try:
+                    with session.begin_nested():
+                        verdicts = w.before(session)
+                    if verdicts is not None and len(verdicts) != len(w.entries):
+                        raise ValueError(f"before() gave {len(verdicts)} verdicts for {len(w.entries)} entries")
+                except Exception as exc:  # this write alone fails; the batch goes on
+                    results[pos] = [exc] * len(w.entries)
+                    continue
+            for k in range(len(w.entries)):
+                verdict = None if verdicts is None else verdicts[k]
+                if verdict is None:
+                    accepted.append((pos, k))
+                else:
+                    results[pos][k] = verdict
+        out, self._pending = _append(session, [writes[p].entries[k] for p, k in accepted], self._frontier)
+        appended: dict[int, list[IndexedEntry]] = {}
+        for (pos, k), indexed in zip(accepted, out, strict=True):
+            results[pos][k] = indexed
+            appended.setdefault(pos, []).append(indexed)
+        for pos, entries in appended.items():
             after = writes[pos].after
             if after is not None:
-                after(session, indexed)
-            results[pos] = indexed
-        return [r for r in results if r is not None]
+                after(session, entries)
+        return [[r for r in per_item if r is not None] for per_item in results]
 
-    def _after_commit(self, results: list[IndexedEntry | BaseException]) -> None:
+    def _after_commit(self, results: list[list[IndexedEntry | BaseException]]) -> None:
         # Adopted only after the commit: a rolled-back batch must not leave a frontier ahead of the DB.
         self._frontier = self._pending
-        appended = [r for r in results if isinstance(r, IndexedEntry)]
+        appended = [r for per_item in results for r in per_item if isinstance(r, IndexedEntry)]
         if not appended:
             return
         size = appended[-1].index + 1
@@ -435,13 +460,21 @@ class Ledger:
             return -1
 
     def receipt(self, index: int) -> Receipt:
-        entry = self.entry(index)
-        row = self.latest_checkpoint_row()
-        if row is None or row.size <= index:
-            return Receipt(index=index, leaf_hash=entry.leaf, entry=entry.entry())
-        proof = self.inclusion_proof(index, row.size)
-        return Receipt(index=index, leaf_hash=entry.leaf, entry=entry.entry(), checkpoint=row.note,
-                       tree_size=row.size, inclusion_proof=[p.hex() for p in proof])
+        return self.receipts([self.entry(index)])[0]
+
+    def receipts(self, entries: Sequence[IndexedEntry]) -> list[Receipt]:
+        """Receipts for entries in hand (fresh appends, say): one checkpoint read for all of them,
+        and an inclusion proof for each that the checkpoint covers."""
+        row = self.latest_checkpoint_row() if entries else None
+        out = []
+        for e in entries:
+            if row is None or row.size <= e.index:
+                out.append(Receipt(index=e.index, leaf_hash=e.leaf, entry=e.entry()))
+                continue
+            proof = self.inclusion_proof(e.index, row.size)
+            out.append(Receipt(index=e.index, leaf_hash=e.leaf, entry=e.entry(), checkpoint=row.note,
+                               tree_size=row.size, inclusion_proof=[p.hex() for p in proof]))
+        return out
 
     # --- lifecycle ------------------------------------------------------------------------------
 

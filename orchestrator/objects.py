@@ -9,9 +9,11 @@ idempotent and nothing can silently replace a ledgered envelope.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,12 +40,49 @@ def _not_found(key: str) -> QaiError:
 
 class ObjectStore(Protocol):
     def put(self, key: str, data: bytes, *, overwrite: bool = False) -> None: ...
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[QaiError | None]: ...
     def get(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str = "") -> list[str]: ...
     def ping(self) -> None: ...
     @property
     def location(self) -> str: ...
+
+
+def _each(put: Callable[[str, bytes], None], items: Sequence[tuple[str, bytes]]) -> list[QaiError | None]:
+    """``put`` every item; one result per item: None, or the error that refused it."""
+    results: list[QaiError | None] = []
+    for key, data in items:
+        try:
+            put(key, data)
+            results.append(None)
+        except QaiError as exc:
+            results.append(exc)
+    return results
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_file_system(path: Path) -> None:
+    """Flush every written file and directory entry of the file system holding ``path``: Linux's
+    syncfs(2), or sync(2) where that is missing."""
+    syncfs = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+    if syncfs is None:
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise QaiError("object.sync_failed", f"syncfs failed: {os.strerror(err)}", status=503)
+    finally:
+        os.close(fd)
 
 
 class LocalObjectStore:
@@ -61,6 +100,15 @@ class LocalObjectStore:
         return self.root / check_key(key)
 
     def put(self, key: str, data: bytes, *, overwrite: bool = False) -> None:
+        self._write(key, data, overwrite=overwrite, sync=True)
+
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[QaiError | None]:
+        """Write-once puts, made durable together by one file-system sync instead of two fsyncs each."""
+        results = _each(lambda key, data: self._write(key, data, overwrite=False, sync=False), items)
+        _sync_file_system(self.root)
+        return results
+
+    def _write(self, key: str, data: bytes, *, overwrite: bool, sync: bool) -> None:
         path = self._path(key)
         if not overwrite and path.exists():
             if path.read_bytes() == data:
@@ -71,6 +119,9 @@ class LocalObjectStore:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+                if sync:
+                    f.flush()
+                    os.fsync(f.fileno())  # durable before it is linked: the outbox drops its copy after a put
             if overwrite:
                 os.replace(tmp, path)
             else:
@@ -79,6 +130,8 @@ class LocalObjectStore:
                 except FileExistsError:
                     if path.read_bytes() != data:
                         raise _exists_error(key) from None
+            if sync:
+                _fsync(path.parent)  # and so is its name
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -145,6 +198,9 @@ class S3ObjectStore:
             raise self._error(exc, key) from exc
         except BotoCoreError as exc:
             raise self._error(exc, key) from exc
+
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[QaiError | None]:
+        return _each(self.put, items)
 
     def get(self, key: str) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError

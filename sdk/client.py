@@ -6,7 +6,8 @@ Every non-2xx answer becomes the :class:`~sdk.errors.QaiError` the server raised
 from __future__ import annotations
 
 import base64
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import httpx
 
@@ -15,6 +16,25 @@ from sdk.errors import QaiError
 from sdk.ledger import Receipt
 from sdk.manifest import PAYLOAD_TYPE, RunManifest, VerifiedManifest, sign_manifest, verify_manifest
 from sdk.signing import KeyDocument, SignatureBundle, parse_keyid
+
+# A batch request stays under the server's default 1 MiB body limit, and under its item limits.
+BATCH_BYTES = 768 * 1024
+BATCH_ITEMS = 500
+T = TypeVar("T")
+
+
+def _chunks(items: Sequence[T], size: Callable[[T], int]) -> Iterator[list[T]]:
+    chunk: list[T] = []
+    used = 0
+    for item in items:
+        n = size(item)
+        if chunk and (used + n > BATCH_BYTES or len(chunk) == BATCH_ITEMS):
+            yield chunk
+            chunk, used = [], 0
+        chunk.append(item)
+        used += n
+    if chunk:
+        yield chunk
 
 
 def _checked(resp: httpx.Response) -> httpx.Response:
@@ -135,6 +155,38 @@ class Client:
     def create_job(self, manifest: RunManifest, key: str) -> dict[str, Any]:
         """Sign ``manifest`` with ``key`` through the KMS and submit it; returns the job and its receipt."""
         return self.submit_job(self.sign_manifest(manifest, key))
+
+    def sign_many(self, key: str, messages: Sequence[bytes]) -> list[SignatureBundle]:
+        """Sign many messages with ``key`` (``POST /v1/keys/{key}/sign-batch``, in chunks)."""
+        out: list[SignatureBundle] = []
+        for chunk in _chunks(messages, lambda m: len(m) * 4 // 3 + 16):
+            body = {"items": [{"message": base64.b64encode(m).decode()} for m in chunk]}
+            out.extend(SignatureBundle.model_validate(b)
+                       for b in self.request("POST", f"/v1/keys/{key}/sign-batch", json=body).json())
+        return out
+
+    def sign_manifests(self, manifests: Sequence[RunManifest], key: str) -> list[Envelope]:
+        payloads = [m.to_bytes() for m in manifests]
+        bundles = self.sign_many(key, [pae(PAYLOAD_TYPE, p) for p in payloads])
+        return [envelope_from_bundle(PAYLOAD_TYPE, p, b) for p, b in zip(payloads, bundles, strict=True)]
+
+    def submit_jobs(self, envelopes: Sequence[Envelope | bytes]) -> list[dict[str, Any]]:
+        """Submit many signed manifests (``POST /v1/jobs/batch``, in chunks under the request limit).
+
+        One result per envelope, in order. Each stands alone: a rejected one is ``{"status": 4xx,
+        "error": {...}}`` and the others are stored; check ``"error" in result``.
+        """
+        datas = [e.to_bytes() if isinstance(e, Envelope) else e for e in envelopes]
+        out: list[dict[str, Any]] = []
+        for chunk in _chunks(datas, len):
+            body = b'{"envelopes":[' + b",".join(chunk) + b"]}"
+            resp = self.request("POST", "/v1/jobs/batch", content=body, headers={"Content-Type": "application/json"})
+            out.extend(resp.json()["results"])
+        return out
+
+    def create_jobs(self, manifests: Sequence[RunManifest], key: str) -> list[dict[str, Any]]:
+        """Sign every manifest with ``key`` and submit them, in batches; one result per manifest."""
+        return self.submit_jobs(self.sign_manifests(manifests, key))
 
     def get_job(self, job_id: str) -> dict[str, Any]:
         out: dict[str, Any] = self.get_json(f"/v1/jobs/{job_id}")

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import textwrap
 from collections.abc import Callable
@@ -201,7 +202,7 @@ def verify_signature(
     check_prehash(alg, prehash, len(message))
     _check_size(info, public_key)
     try:
-        check = _VERIFIERS[alg](alg, bytes(public_key))
+        check = _verifier(alg, bytes(public_key))
     except ValueError as exc:
         raise bad_key(alg, str(exc) or type(exc).__name__) from None
     try:
@@ -211,6 +212,13 @@ def verify_signature(
     except ValueError:  # pqcrypto: a signature of the wrong length
         return False
     return True
+
+
+@functools.lru_cache(maxsize=256)
+def _verifier(alg: str, public_key: bytes) -> _Check:
+    # Loading a key validates it (an EC point check, say), which costs as much as a verification;
+    # public keys are few and public, so the loaded form is kept. Errors are not cached.
+    return _VERIFIERS[alg](alg, public_key)
 
 
 # -- PEM (SubjectPublicKeyInfo) ---------------------------------------------------------------

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from sqlalchemy import inspect
 
 from orchestrator import migrate
@@ -89,3 +90,45 @@ def test_error_body_round_trip() -> None:
                                                                      {"key": "k"})
     other = QaiError.from_body("<html>bad gateway</html>", 502)
     assert other.code == "http.error" and other.status == 502
+
+
+@pytest.mark.parametrize("idle_seconds, replaced", [(0.0, True), (3600.0, False)])
+def test_a_connection_broken_while_idle_is_replaced_before_use(pg_server: str, idle_seconds: float,
+                                                               replaced: bool) -> None:
+    """Connections idle past ``ping_idle_seconds`` are pinged at checkout and replaced if gone;
+    busier ones are not pinged (the contrast shows the ping is what saves the first case)."""
+    from sqlalchemy import create_engine, exc, text
+
+    from orchestrator.db import make_engine
+
+    engine = make_engine(pg_server, ping_idle_seconds=idle_seconds)
+    admin = create_engine(pg_server, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as c:
+            pid = c.execute(text("SELECT pg_backend_pid()")).scalar()
+        with admin.connect() as a:
+            a.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+            while a.execute(text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"), {"p": pid}).scalar():
+                pass  # until the backend is gone
+        if replaced:
+            with engine.connect() as c:
+                assert c.execute(text("SELECT pg_backend_pid()")).scalar() != pid
+        else:
+            with pytest.raises(exc.OperationalError), engine.connect() as c:
+                c.execute(text("SELECT 1"))
+    finally:
+        engine.dispose()
+        admin.dispose()
+
+
+def test_try_lock_admits_one_holder_across_processes_and_threads(pg_db: Database, sqlite_db: Database) -> None:
+    for db in (pg_db, sqlite_db):
+        other = Database(db.url, schema=db.schema)  # another pool: what another process would have
+        try:
+            with db.try_lock("uploader") as first:
+                with other.try_lock("uploader") as second, db.try_lock("another job") as third:
+                    assert (first, second, third) == (True, False, True)
+            with other.try_lock("uploader") as again:
+                assert again  # released on exit
+        finally:
+            other.dispose()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 
 from orchestrator.app import create_app
 from orchestrator.auth import Principal, Role, issue_token
@@ -23,7 +24,7 @@ from sdk.audit import BundleSource, ServerSource, audit, export_bundle
 from sdk.checkpoint import Checkpoint, verify_checkpoint
 from sdk.client import Client
 from sdk.errors import QaiError, VerificationError
-from sdk.ledger import LedgerEntry, verify_receipt
+from sdk.ledger import IndexedEntry, LedgerEntry, verify_receipt
 from tests.conftest import LiveServer
 from tests.ledger_helpers import ledger_services, signed_envelopes, trusted_keys
 
@@ -306,10 +307,13 @@ def test_a_failing_write_leaves_no_entry_and_no_row(svc: Services) -> None:
         data = f"object {k}".encode()
         entry = LedgerEntry(type="dataset", sha256=sha256_hex(data), path=f"d/{k}", tenant="org-a",
                             time=datetime.now(UTC))
-        return LedgerWrite(entry,
-                           before=lambda s: s.execute(sql("INSERT INTO side_rows (k) VALUES (:k)"), {"k": k}),
-                           after=lambda s, e: s.execute(sql("UPDATE side_rows SET idx = :i WHERE k = :k"),
-                                                        {"i": e.index, "k": k}))
+        def before(s: Session) -> None:
+            s.execute(sql("INSERT INTO side_rows (k) VALUES (:k)"), {"k": k})
+
+        def after(s: Session, entries: Sequence[IndexedEntry]) -> None:
+            s.execute(sql("UPDATE side_rows SET idx = :i WHERE k = :k"), {"i": entries[0].index, "k": k})
+
+        return LedgerWrite([entry], before=before, after=after)
 
     results = svc.ledger.submit([write("a"), write("b"), write("a"), write("c")]).result()
     assert [getattr(r, "index", None) for r in results] == [0, 1, None, 2]
@@ -319,4 +323,52 @@ def test_a_failing_write_leaves_no_entry_and_no_row(svc: Services) -> None:
     assert svc.ledger.size() == 3
     with pytest.raises(Exception):  # noqa: B017  (the driver's integrity error, whatever its class)
         svc.ledger.append([write("b")])
+    assert svc.ledger.size() == 3
+
+
+def test_a_bulk_write_appends_only_the_entries_its_rows_accept(svc: Services) -> None:
+    """One write for many entries: ``before`` rejects some (writing nothing for them), ``after``
+    sees exactly the appended ones, in order; a write whose ``before`` raises appends nothing."""
+    from sqlalchemy import text as sql
+
+    from orchestrator.ledger import LedgerWrite
+    from sdk.ledger import sha256_hex
+
+    with svc.db.write() as s:
+        s.execute(sql("CREATE TABLE bulk_rows (k TEXT PRIMARY KEY, idx BIGINT)"))
+        s.execute(sql("INSERT INTO bulk_rows (k) VALUES ('taken')"))
+    keys = ["a", "taken", "b", "c"]
+    entries = [LedgerEntry(type="dataset", sha256=sha256_hex(k.encode()), path=f"d/{k}", tenant="org-a",
+                           time=datetime.now(UTC)) for k in keys]
+    seen: list[tuple[str, int]] = []
+
+    def before(s: Session) -> list[BaseException | None]:
+        verdicts: list[BaseException | None] = []
+        for k in keys:
+            if k == "taken":
+                verdicts.append(QaiError("row.exists", k))
+            else:
+                s.execute(sql("INSERT INTO bulk_rows (k) VALUES (:k)"), {"k": k})
+                verdicts.append(None)
+        return verdicts
+
+    def after(s: Session, appended: Sequence[IndexedEntry]) -> None:
+        for e in appended:
+            k = e.path.removeprefix("d/")
+            seen.append((k, e.index))
+            s.execute(sql("UPDATE bulk_rows SET idx = :i WHERE k = :k"), {"i": e.index, "k": k})
+
+    def broken(s: Session) -> None:
+        s.execute(sql("INSERT INTO bulk_rows (k) VALUES ('z')"))
+        raise RuntimeError("boom")
+
+    results = svc.ledger.submit([LedgerWrite(entries, before=before, after=after),
+                                 LedgerWrite(entries[:2], before=broken)]).result()
+    assert [getattr(r, "index", None) for r in results[:4]] == [0, None, 1, 2]
+    assert isinstance(results[1], QaiError) and results[1].code == "row.exists"
+    assert all(isinstance(r, RuntimeError) for r in results[4:]) and len(results) == 6
+    assert seen == [("a", 0), ("b", 1), ("c", 2)]
+    with svc.db.read() as s:
+        assert s.execute(sql("SELECT k, idx FROM bulk_rows ORDER BY k")).all() == [
+            ("a", 0), ("b", 1), ("c", 2), ("taken", None)]  # nothing of the broken write
     assert svc.ledger.size() == 3

@@ -60,6 +60,15 @@ def test_objects_are_write_once(store: ObjectStore) -> None:
     assert store.get("k/latest") == b"2"
 
 
+def test_put_many_refuses_only_the_overwrites(store: ObjectStore) -> None:
+    store.put("m/taken", b"first")
+    results = store.put_many([("m/a", b"a"), ("m/taken", b"other"), ("m/taken", b"first"), ("m/../x", b"x"),
+                              ("m/b", b"b")])
+    assert [r.code if r else None for r in results] == [None, "object.exists", None, "object.bad_key", None]
+    assert [store.get(k) for k in ("m/a", "m/taken", "m/b")] == [b"a", b"first", b"b"]
+    assert store.list("m/") == ["m/a", "m/b", "m/taken"]  # no temporary files left behind
+
+
 def test_concurrent_writers_of_one_key_leave_one_version(store: ObjectStore) -> None:
     errors: list[str] = []
 

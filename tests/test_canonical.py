@@ -1,0 +1,56 @@
+"""The fast path of canonical_json writes exactly what the reference RFC 8785 serialiser writes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import rfc8785
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sdk.canonical import canonical_json
+from sdk.errors import QaiError
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**60), 2**60) | st.text(max_size=20)
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5),
+    max_leaves=30,
+)
+
+
+def _reference(value: Any) -> bytes | type[Exception]:
+    try:
+        return rfc8785.dumps(value)
+    except Exception as exc:  # whatever the reference refuses, we must refuse too
+        return type(exc)
+
+
+@settings(max_examples=600, deadline=None)
+@given(json_values)
+def test_matches_the_reference_serialiser(value: Any) -> None:
+    expected = _reference(value)
+    if isinstance(expected, bytes):
+        assert canonical_json(value) == expected
+    else:
+        with pytest.raises(QaiError) as err:
+            canonical_json(value)
+        assert err.value.code == "json.not_canonicalizable"
+
+
+@pytest.mark.parametrize("value", [
+    {"\ue000": 1, "\U0001f600": 2},  # sorted by UTF-16 code units, not code points
+    {"s": "\x00\x1f\x7f\u2028\b\t\n\f\r\"\\/"},  # every escape rule
+    {"n": 2**53 - 1, "m": -(2**53 - 1)},
+    {"big": 2**53 + 1},  # not a double: refused by the reference
+    {"f": 1e21, "g": 5e-324, "h": -0.0, "i": 100.0},
+    ["\ud800"],  # a lone surrogate
+])
+def test_edge_cases_match_the_reference(value: Any) -> None:
+    expected = _reference(value)
+    if isinstance(expected, bytes):
+        assert canonical_json(value) == expected
+    else:
+        with pytest.raises(QaiError):
+            canonical_json(value)
