@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import JSON, DateTime, Engine, Insert, Table, create_engine, event, text
+from sqlalchemy import JSON, DateTime, Engine, create_engine, event, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DisconnectionError
@@ -117,14 +117,6 @@ def _ping_when_idle(engine: Engine, idle_seconds: float) -> None:
             engine.dialect.do_ping(dbapi_conn)
         except Exception as exc:  # the pool discards this connection and checks out another
             raise DisconnectionError(f"idle connection is gone: {type(exc).__name__}") from exc
-
-
-def insert_or_ignore(table: Table, dialect: str) -> Insert:
-    """``INSERT … ON CONFLICT DO NOTHING`` on PostgreSQL and SQLite: a duplicate key is a rowcount
-    of 0, not an error that would abort the transaction."""
-    from sqlalchemy.dialects import postgresql, sqlite
-
-    return (postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)).on_conflict_do_nothing()
 
 
 def _lock_key(name: str) -> int:

@@ -24,17 +24,17 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import LargeBinary, String, Table, Text, bindparam, func, select, update
+from sqlalchemy import LargeBinary, String, Table, Text, bindparam, func, insert, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.types import BigInteger, Integer
 
 from orchestrator.auth import Principal, Role, get_tenant
-from orchestrator.db import Base, Database, UTCDateTime, insert_or_ignore, utcnow
+from orchestrator.db import Base, Database, UTCDateTime, utcnow
 from orchestrator.ledger import Ledger, LedgerWrite
 from orchestrator.objects import ObjectStore
 from sdk.dsse import Envelope, envelope_bytes
 from sdk.errors import QaiError, VerificationError
-from sdk.ledger import IndexedEntry, LedgerEntry, Receipt, sha256_hex
+from sdk.ledger import LedgerEntry, Receipt, sha256_hex
 from sdk.manifest import RunManifest, check_crypto_mode, load_document, verify_manifest
 from sdk.signing import KeyDocument, parse_keyid
 
@@ -133,23 +133,20 @@ class _Accepted:
 
 
 def _store_rows(accepted: Sequence[_Accepted]) -> LedgerWrite:
-    """The ledger write of a batch: index rows inserted in bulk, then linked to their entries."""
+    """The ledger write of a batch: the index rows of the jobs not stored yet, in bulk, each with
+    the index its ledger entry will get."""
 
-    def insert(s: Session) -> list[BaseException | None]:
-        # Runs under the ledger lock: a concurrent submission of the same job has either committed
-        # (and its row is kept here, untouched) or waits for this transaction.
-        stmt = insert_or_ignore(MANIFESTS, s.get_bind().dialect.name).returning(MANIFESTS.c.job_id)
-        stored = set(s.connection().scalars(stmt, [a.row for a in accepted]))  # one multi-row INSERT
-        return [None if a.job_id in stored else
-                QaiError("job.exists", f"job {a.job_id} was stored concurrently", status=409) for a in accepted]
+    def claim(s: Session, first: int) -> list[BaseException | None]:
+        # Runs under the ledger lock, and only ledger writes insert manifests rows: what this query
+        # finds is all a concurrent submission of the same job can have stored.
+        taken = set(s.scalars(select(ManifestRow.job_id).where(ManifestRow.job_id.in_([a.job_id for a in accepted]))))
+        rows = [a for a in accepted if a.job_id not in taken]
+        if rows:
+            s.connection().execute(insert(MANIFESTS), [a.row | {"ledger_index": first + k} for k, a in enumerate(rows)])
+        return [QaiError("job.exists", f"job {a.job_id} was stored concurrently", status=409)
+                if a.job_id in taken else None for a in accepted]
 
-    def link(s: Session, entries: Sequence[IndexedEntry]) -> None:
-        by_digest = {a.digest: a.job_id for a in accepted}
-        s.connection().execute(
-            update(MANIFESTS).where(MANIFESTS.c.job_id == bindparam("jid")).values(ledger_index=bindparam("idx")),
-            [{"jid": by_digest[e.sha256], "idx": e.index} for e in entries])
-
-    return LedgerWrite([a.entry for a in accepted], before=insert, after=link)
+    return LedgerWrite([a.entry for a in accepted], before=claim)
 
 
 class Jobs:

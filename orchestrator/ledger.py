@@ -96,16 +96,17 @@ def _indexed(row: LedgerEntryRow) -> IndexedEntry:
 class LedgerWrite:
     """Entries plus the caller's own rows for them, written in the entries' transaction.
 
-    ``before`` runs first, in a savepoint, and writes the caller's rows in bulk. It returns, per
-    entry, ``None`` to append it or the exception that rejects it (a duplicate key, say), having
-    written nothing for a rejected entry; returning ``None`` instead of a list accepts them all. If
-    it raises, this write alone fails and none of its entries is appended, so the ledger has no
-    orphan entries and the caller's index has no unledgered rows. ``after`` receives the appended
-    entries, in order, once their indices are assigned.
+    ``before(session, first)`` runs first, in a savepoint, and writes the caller's rows in bulk.
+    It returns, per entry, ``None`` to append it or the exception that rejects it (a duplicate key,
+    say), having written nothing for a rejected entry; returning ``None`` instead of a list accepts
+    them all. The accepted entries get the indices ``first``, ``first + 1``, … in order, so the
+    rows can carry them without a later UPDATE. If ``before`` raises, this write alone fails and
+    none of its entries is appended, so the ledger has no orphan entries and the caller's index has
+    no unledgered rows. ``after`` receives the appended entries, in order, with their indices.
     """
 
     entries: Sequence[LedgerEntry]
-    before: Callable[[Session], Sequence[BaseException | None] | None] | None = None
+    before: Callable[[Session, int], Sequence[BaseException | None] | None] | None = None
     after: Callable[[Session, Sequence[IndexedEntry]], None] | None = None
 
 
@@ -142,12 +143,12 @@ def append_entries(session: Session, entries: Sequence[LedgerEntry]) -> list[Ind
     return _append(session, entries, None)[0]
 
 
-def _append(session: Session, entries: Sequence[LedgerEntry], frontier: merkle.CompactRange | None
-            ) -> tuple[list[IndexedEntry], merkle.CompactRange]:
+def _append(session: Session, entries: Sequence[LedgerEntry], frontier: merkle.CompactRange | None,
+            size: int | None = None) -> tuple[list[IndexedEntry], merkle.CompactRange]:
     """Append and return the new compact range. ``frontier``, this process's compact range after
     its previous batch, is used only when no other writer appended since (same size): that saves
     reading it back from the node table."""
-    size = tree_size(session)
+    size = tree_size(session) if size is None else size
     if frontier is not None and frontier.size == size:
         compact = merkle.CompactRange(size, list(frontier.hashes))
     else:
@@ -232,12 +233,13 @@ class Ledger:
         writes = [i if isinstance(i, LedgerWrite) else LedgerWrite([i]) for i in items]
         results: list[list[IndexedEntry | BaseException | None]] = [[None] * len(w.entries) for w in writes]
         accepted: list[tuple[int, int]] = []  # (write, entry) in append order
+        size = tree_size(session)  # we hold the ledger lock: indices from here on are ours
         for pos, w in enumerate(writes):
             verdicts: Sequence[BaseException | None] | None = None
             if w.before is not None:
                 try:
                     with session.begin_nested():
-                        verdicts = w.before(session)
+                        verdicts = w.before(session, size + len(accepted))
                     if verdicts is not None and len(verdicts) != len(w.entries):
                         raise ValueError(f"before() gave {len(verdicts)} verdicts for {len(w.entries)} entries")
                 except Exception as exc:  # this write alone fails; the batch goes on
@@ -249,7 +251,7 @@ class Ledger:
                     accepted.append((pos, k))
                 else:
                     results[pos][k] = verdict
-        out, self._pending = _append(session, [writes[p].entries[k] for p, k in accepted], self._frontier)
+        out, self._pending = _append(session, [writes[p].entries[k] for p, k in accepted], self._frontier, size)
         appended: dict[int, list[IndexedEntry]] = {}
         for (pos, k), indexed in zip(accepted, out, strict=True):
             results[pos][k] = indexed

@@ -159,3 +159,66 @@ def test_attacks_and_bad_input_leave_nothing_behind(svc: Services, admin: Princi
             seen.add(code)
             assert _state(svc) == before, f"{what} left something behind"
         assert len(seen) == len(cases)  # every case has its own code
+
+
+def test_batch_stores_the_good_and_rejects_the_bad_alone(svc: Services, admin: Principal) -> None:
+    """POST /v1/jobs/batch: one result per envelope, in order; a rejected one leaves nothing
+    behind and does not stop the others. Duplicates within the batch and resubmissions are
+    answered as by POST /v1/jobs."""
+    svc.kms.create_key("org-a.old", tenant="org-a", principal=admin)
+    token = issue_token(svc.db, role=Role.SUBMITTER, tenant="org-a").token
+    good = [_sign(svc, "org-a.manifests", "org-a", manifest(job_id=str(uuid.UUID(int=200 + i)))) for i in range(5)]
+    revoked = _sign(svc, "org-a.old", "org-a", manifest(job_id=str(uuid.UUID(int=210))))
+    svc.kms.revoke("org-a.old", 1, reason="compromised", principal=admin,
+                   effective_at=datetime.now(UTC) - timedelta(hours=1))
+    tampered = json.loads(good[1]) | {"payload": base64.b64encode(
+        manifest(job_id=str(uuid.UUID(int=201)), shots=1).to_bytes()).decode()}
+    conflict = _sign(svc, "org-a.manifests", "org-a", manifest(job_id=str(uuid.UUID(int=200)), shots=9))
+    other_tenant = _sign(svc, "org-b.manifests", "org-b", manifest(job_id=str(uuid.UUID(int=211)), tenant="org-b"))
+    with LiveServer(create_app(svc)) as srv, Client(srv.url, token) as client:
+        svc.uploader.close()
+        assert client.submit_job(good[0])["created"]  # stored before the batch
+        before_rows, before_size, _ = _state(svc)
+        batch = [good[0], json.dumps(tampered).encode(), good[1], revoked, conflict, good[2], good[2],
+                 other_tenant, b'{"not": "an envelope"}', good[3]]
+        results = client.submit_jobs(batch)
+        assert [r["status"] for r in results] == [200, 422, 201, 422, 409, 201, 200, 403, 422, 201]
+        assert [r["error"]["code"] for r in results if "error" in r] == [
+            "signature.invalid", "signature.key_revoked", "job.conflict", "auth.forbidden", "dsse.malformed"]
+        assert results[5]["receipt"] == results[6]["receipt"] and not results[6]["created"]
+        stored = [r for r in results if r["status"] == 201]
+        assert sorted(r["receipt"]["index"] for r in stored) == [before_size, before_size + 1, before_size + 2]
+        rows, size, _ = _state(svc)
+        assert (rows, size) == (before_rows + 3, before_size + 3)  # only the three new good jobs
+        for r in stored:  # each index row points at its own ledger entry
+            job = client.get_job(r["job_id"])
+            assert job["ledger_index"] == r["receipt"]["index"]
+            assert svc.ledger.entry(job["ledger_index"]).sha256 == job["envelope_sha256"]
+        # the same batch again changes nothing: every good job is a resubmission now
+        again = client.submit_jobs(batch)
+        assert [r["status"] for r in again] == [200, 422, 200, 422, 409, 200, 200, 403, 422, 200]
+        assert _state(svc)[:2] == (rows, size)
+        # SDK helpers: sign through the KMS in one request, submit in one request
+        signer = issue_token(svc.db, role=Role.SIGNER, tenant="org-a").token
+        with Client(srv.url, signer) as c2:
+            made = c2.create_jobs([manifest(job_id=str(uuid.UUID(int=300 + i))) for i in range(3)], "org-a.manifests")
+        assert [r["status"] for r in made] == [201, 201, 201]
+        c = client.http
+        for body, code in [(b'{"envelopes": []}', "job.bad_batch"), (b'[1, 2]', "job.bad_batch"),
+                           (b'{"envelopes": [], "x": 1}', "job.bad_batch"), (b"\xff", "input.not_utf8")]:
+            r = c.post("/v1/jobs/batch", content=body)
+            assert r.status_code in (400, 422) and r.json()["error"]["code"] == code, body
+        r = c.post("/v1/jobs/batch", content=json.dumps({"envelopes": [{}] * 1001}))
+        assert r.status_code == 422 and r.json()["error"]["details"]["max"] == 1000
+        assert _state(svc)[:2] == (rows + 3, size + 3)
+
+
+def test_client_batches_stay_under_the_request_limit() -> None:
+    from sdk.client import BATCH_BYTES, BATCH_ITEMS, _chunks
+
+    sizes = [300 * 1024, 300 * 1024, 300 * 1024, 10, 2 * BATCH_BYTES] + [1] * (BATCH_ITEMS + 5)
+    chunks = list(_chunks(sizes, lambda n: n))
+    assert [x for c in chunks for x in c] == sizes  # every item once, in order
+    assert all(sum(c) <= BATCH_BYTES or len(c) == 1 for c in chunks)  # an oversized item goes alone
+    assert all(len(c) <= BATCH_ITEMS for c in chunks)
+    assert [len(c) for c in chunks][:3] == [2, 2, 1]

@@ -307,7 +307,7 @@ def test_a_failing_write_leaves_no_entry_and_no_row(svc: Services) -> None:
         data = f"object {k}".encode()
         entry = LedgerEntry(type="dataset", sha256=sha256_hex(data), path=f"d/{k}", tenant="org-a",
                             time=datetime.now(UTC))
-        def before(s: Session) -> None:
+        def before(s: Session, first: int) -> None:
             s.execute(sql("INSERT INTO side_rows (k) VALUES (:k)"), {"k": k})
 
         def after(s: Session, entries: Sequence[IndexedEntry]) -> None:
@@ -341,13 +341,15 @@ def test_a_bulk_write_appends_only_the_entries_its_rows_accept(svc: Services) ->
     entries = [LedgerEntry(type="dataset", sha256=sha256_hex(k.encode()), path=f"d/{k}", tenant="org-a",
                            time=datetime.now(UTC)) for k in keys]
     seen: list[tuple[str, int]] = []
+    promised: list[tuple[str, int]] = []
 
-    def before(s: Session) -> list[BaseException | None]:
+    def before(s: Session, first: int) -> list[BaseException | None]:
         verdicts: list[BaseException | None] = []
         for k in keys:
             if k == "taken":
                 verdicts.append(QaiError("row.exists", k))
             else:
+                promised.append((k, first + len(promised)))  # the index this entry will get
                 s.execute(sql("INSERT INTO bulk_rows (k) VALUES (:k)"), {"k": k})
                 verdicts.append(None)
         return verdicts
@@ -358,7 +360,7 @@ def test_a_bulk_write_appends_only_the_entries_its_rows_accept(svc: Services) ->
             seen.append((k, e.index))
             s.execute(sql("UPDATE bulk_rows SET idx = :i WHERE k = :k"), {"i": e.index, "k": k})
 
-    def broken(s: Session) -> None:
+    def broken(s: Session, first: int) -> None:
         s.execute(sql("INSERT INTO bulk_rows (k) VALUES ('z')"))
         raise RuntimeError("boom")
 
@@ -367,7 +369,7 @@ def test_a_bulk_write_appends_only_the_entries_its_rows_accept(svc: Services) ->
     assert [getattr(r, "index", None) for r in results[:4]] == [0, None, 1, 2]
     assert isinstance(results[1], QaiError) and results[1].code == "row.exists"
     assert all(isinstance(r, RuntimeError) for r in results[4:]) and len(results) == 6
-    assert seen == [("a", 0), ("b", 1), ("c", 2)]
+    assert seen == promised == [("a", 0), ("b", 1), ("c", 2)]
     with svc.db.read() as s:
         assert s.execute(sql("SELECT k, idx FROM bulk_rows ORDER BY k")).all() == [
             ("a", 0), ("b", 1), ("c", 2), ("taken", None)]  # nothing of the broken write
