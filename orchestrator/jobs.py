@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import LargeBinary, String, Table, Text, bindparam, func, insert, select, update
+from sqlalchemy import LargeBinary, String, Table, Text, bindparam, func, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.types import BigInteger, Integer
 
 from orchestrator.auth import Principal, Role, get_tenant
-from orchestrator.db import Base, Database, UTCDateTime, utcnow
+from orchestrator.db import Base, Database, UTCDateTime, insert_rows, utcnow
 from orchestrator.ledger import Ledger, LedgerWrite
 from orchestrator.objects import ObjectStore
 from sdk.dsse import Envelope, envelope_bytes
@@ -141,8 +141,7 @@ def _store_rows(accepted: Sequence[_Accepted]) -> LedgerWrite:
         # finds is all a concurrent submission of the same job can have stored.
         taken = set(s.scalars(select(ManifestRow.job_id).where(ManifestRow.job_id.in_([a.job_id for a in accepted]))))
         rows = [a for a in accepted if a.job_id not in taken]
-        if rows:
-            s.connection().execute(insert(MANIFESTS), [a.row | {"ledger_index": first + k} for k, a in enumerate(rows)])
+        insert_rows(s, MANIFESTS, [a.row | {"ledger_index": first + k} for k, a in enumerate(rows)])
         return [QaiError("job.exists", f"job {a.job_id} was stored concurrently", status=409)
                 if a.job_id in taken else None for a in accepted]
 

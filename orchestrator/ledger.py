@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, LargeBinary, String, Table, Text, func, insert, select
+from sqlalchemy import BigInteger, LargeBinary, String, Table, Text, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from kms.service import KMS
 from orchestrator.auth import Principal, create_tenant
-from orchestrator.db import Base, Database, GroupCommit, UTCDateTime, utcnow
+from orchestrator.db import Base, Database, GroupCommit, UTCDateTime, insert_rows, utcnow
 from orchestrator.objects import ObjectStore
 from sdk import merkle
 from sdk.checkpoint import Checkpoint, SignedCheckpoint, format_note, sign_lines
@@ -165,9 +165,8 @@ def _append(session: Session, entries: Sequence[LedgerEntry], frontier: merkle.C
         rows.append({"idx": index, "entry_type": e.type, "sha256": e.sha256, "path": e.path,
                      "tenant": e.tenant, "at": e.time, "leaf_hash": leaf.hex()})
         out.append(IndexedEntry.model_construct(index=index, leaf=leaf.hex(), **dict(e)))  # e is validated
-    if rows:
-        session.execute(insert(ENTRIES), rows)
-        session.execute(insert(NODES), node_rows)
+    insert_rows(session, ENTRIES, rows)
+    insert_rows(session, NODES, node_rows)
     return out, compact
 
 
@@ -468,12 +467,17 @@ class Ledger:
         """Receipts for entries in hand (fresh appends, say): one checkpoint read for all of them,
         and an inclusion proof for each that the checkpoint covers."""
         row = self.latest_checkpoint_row() if entries else None
+        covered = [e.index for e in entries if row is not None and e.index < row.size]
+        nodes: dict[merkle.Node, bytes] = {}
+        if row is not None and covered:
+            with self.db.read() as s:  # every proof's nodes in one query
+                nodes = read_nodes(s, {n for i in covered for n in merkle.inclusion_nodes(i, row.size)})
         out = []
         for e in entries:
             if row is None or row.size <= e.index:
                 out.append(Receipt(index=e.index, leaf_hash=e.leaf, entry=e.entry()))
                 continue
-            proof = self.inclusion_proof(e.index, row.size)
+            proof = merkle.inclusion_proof(e.index, row.size, nodes)
             out.append(Receipt(index=e.index, leaf_hash=e.leaf, entry=e.entry(), checkpoint=row.note,
                                tree_size=row.size, inclusion_proof=[p.hex() for p in proof]))
         return out
