@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, insert, select
+from sqlalchemy import Table, select
 from sqlalchemy.orm import Session
 
 from kms.models import KmsAuditRecord
-from orchestrator.db import Database, GroupCommit, utcnow
+from orchestrator.db import Database, GroupCommit, insert_rows, utcnow
 from sdk.canonical import canonical_json
 
 GENESIS_HASH = "0" * 64
@@ -80,8 +80,7 @@ def append(session: Session, events: Iterable[AuditEvent], *, at: datetime | Non
                      "result": event.result, "detail": event.detail, "prev_hash": head,
                      "record_hash": new_head})
         head = new_head
-    if rows:
-        session.execute(insert(KMS_AUDIT_TABLE), rows)
+    insert_rows(session, KMS_AUDIT_TABLE, rows)
     return head
 
 

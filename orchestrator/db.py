@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import json
 import logging
 import queue
 import threading
@@ -130,7 +131,10 @@ def insert_rows(session: Session, table: Table, rows: Sequence[Mapping[str, Any]
         conn.execute(insert(table), list(rows))
         return
     columns = list(rows[0])
-    binds = [table.c[c].type.bind_processor(conn.dialect) for c in columns]  # e.g. UTCDateTime's checks
+    # The columns' own bind processing (UTCDateTime's checks, say); JSON goes as its text, which
+    # COPY parses into json/jsonb.
+    binds = [json.dumps if isinstance(table.c[c].type, JSON) else table.c[c].type.bind_processor(conn.dialect)
+             for c in columns]
     names = ", ".join(conn.dialect.identifier_preparer.quote(c) for c in columns)
     raw = conn.connection.driver_connection
     assert raw is not None  # a live pooled connection
