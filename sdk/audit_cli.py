@@ -9,7 +9,6 @@ from typing import Annotated
 
 import httpx
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from sdk import merkle
 from sdk.audit import (
@@ -26,7 +25,7 @@ from sdk.audit import (
 from sdk.checkpoint import verify_checkpoint
 from sdk.client import Client
 from sdk.errors import QaiError
-from sdk.output import JsonFlag, console, err_console, fail, print_json
+from sdk.output import JsonFlag, console, err_console, fail, print_json, progress
 from sdk.signing import KeyDocument
 
 audit_app = typer.Typer(help="Verify ledgers offline: signatures, tree, checkpoints, forks.", no_args_is_help=True)
@@ -57,11 +56,6 @@ def _trusted(path: Path | None) -> dict[str, KeyDocument] | None:
         return {d["name"]: KeyDocument.model_validate(d) for d in docs}
     except (KeyError, TypeError, ValueError) as exc:
         raise QaiError("audit.bad_keys", f"{path} does not hold key documents: {type(exc).__name__}") from exc
-
-
-def _progress(quiet: bool) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=err_console, disable=quiet, transient=True)
 
 
 def _print_report(report: AuditReport) -> None:
@@ -98,7 +92,7 @@ def verify_cmd(
         source = _source(server, token, bundle)
         trusted = _trusted(keys)
         remembered = load_state(state)
-        with _progress(as_json) as bar:
+        with progress(as_json) as bar:
             task = bar.add_task("verifying", total=None)
             report = audit(source, trusted_keys=trusted, checkpoint_key=checkpoint_key, origin=origin,
                            state=remembered, workers=workers, allow_uncovered=allow_uncovered,
@@ -124,7 +118,7 @@ def export_cmd(
     """Export entries, envelopes, checkpoints and public keys into a bundle for offline audit."""
     try:
         source = _source(server, token, None)
-        with _progress(as_json) as bar:
+        with progress(as_json) as bar:
             task = bar.add_task("exporting", total=None)
             n = export_bundle(source, out, progress=lambda done, total: bar.update(task, completed=done, total=total))
     except QaiError as exc:

@@ -8,11 +8,11 @@ from typing import Annotated, Literal
 
 import typer
 
-from sdk.client import Client
+from sdk.client import BATCH_ITEMS, Client
 from sdk.dsse import parse_envelope
 from sdk.errors import QaiError
 from sdk.manifest import dump_yaml, load_document, new_manifest, parse_manifest, verify_manifest
-from sdk.output import JsonFlag, console, fail, print_json, table
+from sdk.output import JsonFlag, console, fail, print_json, progress, table
 from sdk.signing import KeyDocument
 
 manifest_app = typer.Typer(help="Run-manifests: create, sign, verify offline, show.", no_args_is_help=True)
@@ -132,23 +132,41 @@ def show(
 
 @jobs_app.command("submit")
 def submit(
-    envelope: Annotated[Path, typer.Argument(help="Signed manifest (JSON or YAML).")],
+    envelopes: Annotated[list[Path], typer.Argument(help="Signed manifests (JSON or YAML); several go in batches.")],
     server: ServerOpt,
     token: TokenOpt = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Submit a signed manifest; prints the job id and its ledger receipt."""
+    """Submit signed manifests; prints each job id and its ledger entry. Several files go through
+    POST /v1/jobs/batch, where each stands alone: the command exits 1 if any was rejected."""
     try:
         with Client(server, token) as client:
-            out = client.submit_job(_read(envelope))
+            if len(envelopes) == 1:
+                out = client.submit_job(_read(envelopes[0]))
+                results = [out | {"status": 201 if out["created"] else 200}]
+            else:
+                docs = [parse_envelope(json.dumps(load_document(_read(p))).encode()) for p in envelopes]
+                with progress(as_json) as bar:
+                    task = bar.add_task("submitting", total=len(docs))
+                    results = []
+                    for i in range(0, len(docs), BATCH_ITEMS):
+                        results += client.submit_jobs(docs[i:i + BATCH_ITEMS])
+                        bar.advance(task, len(docs[i:i + BATCH_ITEMS]))
     except QaiError as exc:
         fail(exc, as_json)
         return
+    failed = [r for r in results if "error" in r]
     if as_json:
-        print_json(out)
+        print_json(results[0] if len(envelopes) == 1 else {"results": results})
     else:
-        state = "stored" if out["created"] else "already stored"
-        console.print(f"job {out['job_id']} {state}; ledger entry {out['receipt']['index']}")
+        for path, r in zip(envelopes, results, strict=True):
+            if "error" in r:
+                console.print(f"{path}: rejected: {r['error']['code']}: {r['error']['message']}")
+            else:
+                state = "stored" if r["created"] else "already stored"
+                console.print(f"job {r['job_id']} {state}; ledger entry {r['receipt']['index']}")
+    if failed:
+        raise typer.Exit(1)
 
 
 @jobs_app.command("get")

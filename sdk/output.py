@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import BaseModel
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from sdk.errors import QaiError
@@ -39,6 +40,12 @@ def dump_json(data: Any) -> str:
 
 def print_json(data: Any) -> None:
     sys.stdout.write(dump_json(data) + "\n")
+
+
+def progress(quiet: bool = False) -> Progress:
+    """A progress bar on stderr for long work; ``quiet`` (``--json``) hides it."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=err_console, disable=quiet, transient=True)
 
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:

@@ -125,9 +125,9 @@ def test_try_lock_admits_one_holder_across_processes_and_threads(pg_db: Database
     for db in (pg_db, sqlite_db):
         other = Database(db.url, schema=db.schema)  # another pool: what another process would have
         try:
-            with db.try_lock("uploader") as first:
-                with other.try_lock("uploader") as second, db.try_lock("another job") as third:
-                    assert (first, second, third) == (True, False, True)
+            with (db.try_lock("uploader") as first, other.try_lock("uploader") as second,
+                  db.try_lock("another job") as third):
+                assert (first, second, third) == (True, False, True)
             with other.try_lock("uploader") as again:
                 assert again  # released on exit
         finally:

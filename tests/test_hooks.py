@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from qiskit import QuantumCircuit, qasm3
 from qiskit_aer import AerSimulator
 from qiskit_aer.primitives import SamplerV2
@@ -126,3 +127,19 @@ def test_manifest_and_jobs_cli(server: tuple[Services, LiveServer, str], tmp_pat
     assert r.exit_code == 0 and json.loads(r.stdout)["tenant"] == "org-a"
     r = run(qai, ["jobs", "list", *conn, "--json"])
     assert [j["job_id"] for j in json.loads(r.stdout)["jobs"]] == [job_id]
+    # several files go in one batch; a rejected one is reported and fails the command, alone
+    for i in (2, 3):
+        r = run(qai, ["manifest", "create", str(qasm), "--tenant", "org-a", "--shots", "300", "--out",
+                      str(tmp_path / f"m{i}.json")])
+        assert r.exit_code == 0, r.output
+        r = run(qai, ["manifest", "sign", str(tmp_path / f"m{i}.json"), "--key", "org-a.manifests", *conn,
+                      "--out", str(tmp_path / f"m{i}.dsse.json")])
+        assert r.exit_code == 0, r.output
+        signed = json.loads((tmp_path / f"m{i}.dsse.json").read_text())
+        (tmp_path / f"m{i}.dsse.yaml").write_text(yaml.safe_dump(signed))
+    files = [str(tmp_path / f) for f in ("m.dsse.json", "m2.dsse.yaml", "bad.json", "m3.dsse.yaml")]
+    r = run(qai, ["jobs", "submit", *files, *conn, "--json"])
+    assert r.exit_code == 1, r.output
+    assert [x["status"] for x in json.loads(r.stdout)["results"]] == [200, 201, 422, 201]
+    r = run(qai, ["jobs", "list", *conn, "--json"])
+    assert len(json.loads(r.stdout)["jobs"]) == 3
