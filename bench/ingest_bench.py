@@ -24,6 +24,7 @@ import argparse
 import base64
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -156,7 +157,9 @@ def main() -> None:
     token = issue_token(svc.db, role=Role.SIGNER, tenant="bench").token
     svc.close()
     env = {**os.environ, "QAI_HOME": str(home), "QAI_DATABASE_URL": db_url}
-    port = 8790
+    with socket.socket() as probe:  # a free port: a bench still running elsewhere must not answer for us
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "sdk.cli", "serve", "--port", str(port),
                                "--workers", str(args.workers)], env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
