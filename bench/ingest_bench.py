@@ -165,13 +165,15 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     results: dict[str, float] = {}
     try:
-        for _ in range(300):
+        for _ in range(600):
             try:
                 if httpx.get(f"{url}/readyz").status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
+        else:
+            raise SystemExit(f"qai serve did not become ready at {url}")
         headers = {"Authorization": f"Bearer {token}"}
         local = threading.local()
 
