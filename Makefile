@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := softhsm2 opensc
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup system-packages services demo test lint typecheck bench bench-kms bench-ledger bench-ingest clean
+.PHONY: setup system-packages services demo test lint typecheck bench bench-kms bench-ledger bench-ingest bench-harness clean
 
 setup: system-packages $(STAMP)
 
@@ -59,7 +59,7 @@ lint:
 typecheck:
 	$(VENV)/bin/mypy
 
-bench: bench-kms bench-ledger bench-ingest
+bench: bench-kms bench-ledger bench-ingest bench-harness
 
 bench-kms: setup services
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }
@@ -70,6 +70,9 @@ bench-ledger: setup services
 
 bench-ingest: setup services
 	$(PY) bench/ingest_bench.py
+
+bench-harness: setup
+	$(PY) bench/harness_bench.py
 
 clean:
 	rm -rf .qai
