@@ -24,9 +24,7 @@ import argparse
 import base64
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -42,6 +40,7 @@ from sqlalchemy import create_engine, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.serving import qai_serve
 from orchestrator.auth import Principal, Role, create_tenant, issue_token
 from orchestrator.services import build_services
 from orchestrator.settings import Settings
@@ -157,94 +156,80 @@ def main() -> None:
     token = issue_token(svc.db, role=Role.SIGNER, tenant="bench").token
     svc.close()
     env = {**os.environ, "QAI_HOME": str(home), "QAI_DATABASE_URL": db_url}
-    with socket.socket() as probe:  # a free port: a bench still running elsewhere must not answer for us
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "sdk.cli", "serve", "--port", str(port),
-                               "--workers", str(args.workers)], env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
     results: dict[str, float] = {}
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        else:
-            raise SystemExit(f"qai serve did not become ready at {url}")
-        headers = {"Authorization": f"Bearer {token}"}
-        local = threading.local()
+        with qai_serve("--workers", str(args.workers), env=env) as url:
+            headers = {"Authorization": f"Bearer {token}"}
+            local = threading.local()
 
-        def sdk_client() -> Client:
-            if not hasattr(local, "c"):
-                local.c = Client(url, token, timeout=120)
-            return cast(Client, local.c)
+            def sdk_client() -> Client:
+                if not hasattr(local, "c"):
+                    local.c = Client(url, token, timeout=120)
+                return cast(Client, local.c)
 
-        def http_client() -> httpx.Client:
-            if not hasattr(local, "h"):
-                local.h = httpx.Client(base_url=url, headers=headers, timeout=60)
-            return cast(httpx.Client, local.h)
+            def http_client() -> httpx.Client:
+                if not hasattr(local, "h"):
+                    local.h = httpx.Client(base_url=url, headers=headers, timeout=60)
+                return cast(httpx.Client, local.h)
 
-        for key in (PQC, HYBRID):  # warm-up
-            submit_batch(sdk_client(), key, args.batch)
-            for _ in range(10):
-                submit_one(http_client(), key)
+            for key in (PQC, HYBRID):  # warm-up
+                submit_batch(sdk_client(), key, args.batch)
+                for _ in range(10):
+                    submit_one(http_client(), key)
 
-        # The machine's speed drifts (shared cores): (a) is measured right before (b), on the same
-        # cores, with the server warm and idle. (After (b) the uploader is still draining.)
-        limit = crypto_limit(args.seconds)
-        results.update(crypto_limit_jobs_per_s=limit, batch=args.batch)
-        print(f"(a) crypto-bound limit (ML-DSA-65 sign + verify, {os.cpu_count()} cores): {limit:8.1f} jobs/s")
-        runs = [("b", PQC, "batches", "target >= 0.4x"), ("b-hybrid", HYBRID, "batches", "default suite"),
-                ("b1", HYBRID, "single", "one job per request")]
-        for label, key, mode, note in runs:
-            if mode == "batches":
-                rate, lat = run_load(args.seconds, args.clients,
-                                     lambda key=key: (args.batch, submit_batch(sdk_client(), key, args.batch)))
-                shape = f"{args.clients} clients x batches of {args.batch}"
-            else:
-                rate, lat = run_load(args.seconds, args.clients, lambda key=key: (1, submit_one(http_client(), key)))
-                shape = f"{args.clients} clients, one job per request"
-            p50, p99 = statistics.median(lat) * 1000, pct(lat, 0.99) * 1000
-            results.update({f"{label}_jobs_per_s": rate, f"{label}_p50_ms": p50, f"{label}_p99_ms": p99,
-                            f"{label}_ratio": rate / limit})
-            print(f"({label}) {key[1]}, {shape}: {rate:8.1f} jobs/s  p50 {p50:.1f} ms  p99 {p99:.1f} ms  "
-                  f"ratio to (a) {rate / limit:.2f}x  ({note})")
-        rate = results["b_jobs_per_s"]
+            # The machine's speed drifts (shared cores): (a) is measured right before (b), on the same
+            # cores, with the server warm and idle. (After (b) the uploader is still draining.)
+            limit = crypto_limit(args.seconds)
+            results.update(crypto_limit_jobs_per_s=limit, batch=args.batch)
+            print(f"(a) crypto-bound limit (ML-DSA-65 sign + verify, {os.cpu_count()} cores): {limit:8.1f} jobs/s")
+            runs = [("b", PQC, "batches", "target >= 0.4x"), ("b-hybrid", HYBRID, "batches", "default suite"),
+                    ("b1", HYBRID, "single", "one job per request")]
+            for label, key, mode, note in runs:
+                if mode == "batches":
+                    rate, lat = run_load(args.seconds, args.clients,
+                                         lambda key=key: (args.batch, submit_batch(sdk_client(), key, args.batch)))
+                    shape = f"{args.clients} clients x batches of {args.batch}"
+                else:
+                    rate, lat = run_load(args.seconds, args.clients,
+                                         lambda key=key: (1, submit_one(http_client(), key)))
+                    shape = f"{args.clients} clients, one job per request"
+                p50, p99 = statistics.median(lat) * 1000, pct(lat, 0.99) * 1000
+                results.update({f"{label}_jobs_per_s": rate, f"{label}_p50_ms": p50, f"{label}_p99_ms": p99,
+                                f"{label}_ratio": rate / limit})
+                print(f"({label}) {key[1]}, {shape}: {rate:8.1f} jobs/s  p50 {p50:.1f} ms  p99 {p99:.1f} ms  "
+                      f"ratio to (a) {rate / limit:.2f}x  ({note})")
+            rate = results["b_jobs_per_s"]
 
-        # (c): background batches paced to half of (b)'s rate, and one probe client submitting
-        # single jobs (one sign request, one POST) back to back; the probe's latencies are (c).
-        target = rate / 2
-        stop = time.perf_counter() + args.seconds
-        done = [0]
+            # (c): background batches paced to half of (b)'s rate, and one probe client submitting
+            # single jobs (one sign request, one POST) back to back; the probe's latencies are (c).
+            target = rate / 2
+            stop = time.perf_counter() + args.seconds
+            done = [0]
 
-        def background() -> None:
-            nxt = time.perf_counter()
+            def background() -> None:
+                nxt = time.perf_counter()
+                while time.perf_counter() < stop:
+                    submit_batch(sdk_client(), PQC, args.batch)
+                    done[0] += args.batch
+                    nxt += args.batch * max(1, args.clients - 1) / target
+                    time.sleep(max(0.0, nxt - time.perf_counter()))
+
+            start = time.perf_counter()
+            loaders = [threading.Thread(target=background) for _ in range(max(1, args.clients - 1))]
+            for t in loaders:
+                t.start()
+            probe: list[float] = []
             while time.perf_counter() < stop:
-                submit_batch(sdk_client(), PQC, args.batch)
-                done[0] += args.batch
-                nxt += args.batch * max(1, args.clients - 1) / target
-                time.sleep(max(0.0, nxt - time.perf_counter()))
-
-        start = time.perf_counter()
-        loaders = [threading.Thread(target=background) for _ in range(max(1, args.clients - 1))]
-        for t in loaders:
-            t.start()
-        probe: list[float] = []
-        while time.perf_counter() < stop:
-            probe.append(submit_one(http_client(), PQC))
-        for t in loaders:
-            t.join()
-        achieved = (done[0] + len(probe)) / (time.perf_counter() - start)
-        results.update(paced_jobs_per_s=achieved, single_p50_ms=statistics.median(probe) * 1000,
-                       single_p99_ms=pct(probe, 0.99) * 1000)
-        print(f"(c) single jobs while the service ingests {achieved:.1f} jobs/s (half of (b)): "
-              f"p50 {results['single_p50_ms']:.1f} ms  p99 {results['single_p99_ms']:.1f} ms  (target p99 <= 100 ms)")
+                probe.append(submit_one(http_client(), PQC))
+            for t in loaders:
+                t.join()
+            achieved = (done[0] + len(probe)) / (time.perf_counter() - start)
+            results.update(paced_jobs_per_s=achieved, single_p50_ms=statistics.median(probe) * 1000,
+                           single_p99_ms=pct(probe, 0.99) * 1000)
+            print(f"(c) single jobs while the service ingests {achieved:.1f} jobs/s (half of (b)): "
+                  f"p50 {results['single_p50_ms']:.1f} ms  p99 {results['single_p99_ms']:.1f} ms  "
+                  "(target p99 <= 100 ms)")
     finally:
-        server.terminate()
-        server.wait(timeout=30)
         with admin.connect() as conn:
             conn.execute(text(f"DROP DATABASE {db_name} WITH (FORCE)"))
         admin.dispose()

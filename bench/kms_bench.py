@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import mldsa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.serving import qai_serve
 from orchestrator.auth import Principal, Role, create_tenant, issue_token
 from orchestrator.services import build_services
 from orchestrator.settings import Settings
@@ -104,7 +105,6 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--port", type=int, default=8765)
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("bench/kms_bench.py needs wrk (apt-get install wrk; `make bench` does it)")
@@ -137,20 +137,7 @@ def main() -> None:
     svc.close()
     raw = rate(raw_mldsa65, args.seconds)  # the REST ratios use the baseline measured next to them
 
-    server = subprocess.Popen(
-        [sys.executable, "-m", "sdk.cli", "serve", "kms", "--port", str(args.port),
-         "--workers", str(args.workers)],
-        env=env, cwd=Path(__file__).resolve().parent.parent,
-    )
-    url = f"http://127.0.0.1:{args.port}"
-    try:
-        for _ in range(200):
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+    with qai_serve("kms", "--workers", str(args.workers), env=env) as url:
         for suite in SUITES:
             key = f"bench.{suite.lower().replace('+', '.')}"
             single = rest_rate(url, token, key, args.seconds, args.clients, 1)
@@ -158,9 +145,6 @@ def main() -> None:
             results[suite].update(rest_single=single, rest_batch50=batch)
             print(f"{suite:30} REST ({args.clients} clients, {args.workers} workers): {single:8.1f}/s "
                   f"({single / raw:4.2f}x)   sign-batch of 50: {batch:8.1f}/s ({batch / raw:4.2f}x)")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     main_suite = results["ML-DSA-65+ECDSA-P256"]
     verdict = {
         "python_api_ratio": round(main_suite["python_single_ratio"], 3),
