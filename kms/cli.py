@@ -153,15 +153,11 @@ def kms_audit_verify(as_json: JsonFlag = False) -> None:
 
 def run_selftest() -> list[dict[str, object]]:
     """Sign and verify with every suite (and a KEM round trip); returns one row per suite."""
-    from orchestrator.auth import create_tenant
+    from orchestrator.auth import ensure_tenant
 
     svc = services()
     principal = cli_principal()
-    try:
-        create_tenant(svc.db, SELFTEST_TENANT)
-    except QaiError as exc:
-        if exc.code != "tenant.exists":
-            raise
+    ensure_tenant(svc.db, SELFTEST_TENANT)
     rows: list[dict[str, object]] = []
     message = b"qai kms self-test"
     for suite in SELFTEST_SUITES:

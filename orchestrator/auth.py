@@ -98,6 +98,15 @@ def create_tenant(db: Database, name: str, *, crypto_policy: dict[str, Any] | No
     return tenant
 
 
+def ensure_tenant(db: Database, name: str) -> None:
+    """Create tenant ``name`` unless it exists (set-up code that may run more than once)."""
+    try:
+        create_tenant(db, name)
+    except QaiError as exc:
+        if exc.code != "tenant.exists":
+            raise
+
+
 def get_tenant(db: Database, name: str) -> Tenant:
     with db.read() as s:
         tenant = s.get(Tenant, name)

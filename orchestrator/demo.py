@@ -23,7 +23,7 @@ import uvicorn
 from kms.audit import verify_chain
 from kms.cli import run_selftest
 from orchestrator.app import create_app
-from orchestrator.auth import Principal, Role, create_tenant, issue_token
+from orchestrator.auth import Principal, Role, ensure_tenant, issue_token
 from orchestrator.services import Services
 from sdk.audit import ServerSource, export_bundle
 from sdk.canonical import canonical_json
@@ -66,11 +66,7 @@ def run_demo(svc: Services, *, as_json: bool = False) -> dict[str, Any]:
             console.print(f"  {k:12} {v}")
 
     _step(2, "Tenant and a hybrid signing key (ML-DSA-65 sealed by the HSM + ECDSA P-256 in the HSM)", quiet)
-    try:
-        create_tenant(svc.db, TENANT)
-    except QaiError as exc:
-        if exc.code != "tenant.exists":
-            raise
+    ensure_tenant(svc.db, TENANT)
     try:
         doc = svc.kms.public_key(KEY)
     except QaiError:

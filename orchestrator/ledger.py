@@ -27,7 +27,7 @@ from sqlalchemy import BigInteger, LargeBinary, String, Table, Text, func, selec
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from kms.service import KMS
-from orchestrator.auth import Principal, create_tenant
+from orchestrator.auth import Principal, ensure_tenant
 from orchestrator.db import Base, Database, GroupCommit, UTCDateTime, insert_rows, utcnow
 from orchestrator.objects import ObjectStore
 from sdk import merkle
@@ -362,11 +362,7 @@ class Ledger:
         except QaiError as exc:
             if exc.code != "kms.key_not_found":
                 raise
-            try:
-                create_tenant(self.db, SYSTEM_TENANT)
-            except QaiError as err:
-                if err.code != "tenant.exists":
-                    raise
+            ensure_tenant(self.db, SYSTEM_TENANT)
             try:
                 key = self.kms.create_key(self.config.key_name, tenant=SYSTEM_TENANT, suite=self.config.suite,
                                           principal=system)
