@@ -404,16 +404,11 @@ def audit(
     done = 0
 
     def flush() -> None:
-        nonlocal chunk, done
+        nonlocal chunk
         if not chunk:
             return
         if pool is None:
-            n, verified, fails = _check_chunk(chunk)
-            report.failures.extend(fails)
-            report.signatures_verified += verified
-            done += n
-            if progress is not None:
-                progress(done, total)
+            account(*_check_chunk(chunk))
         else:
             pending.append(pool.submit(_check_chunk, chunk))
             while len(pending) > 2 * workers:
@@ -421,8 +416,10 @@ def audit(
         chunk = []
 
     def collect(fut: Future[tuple[int, int, list[Failure]]]) -> None:
+        account(*fut.result())
+
+    def account(n: int, verified: int, fails: list[Failure]) -> None:
         nonlocal done
-        n, verified, fails = fut.result()
         report.failures.extend(fails)
         report.signatures_verified += verified
         done += n
