@@ -250,6 +250,41 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+class BackgroundLoop:
+    """A daemon thread that calls ``step`` until closed: again at once while ``step`` returns
+    something true (more work waits), else after ``interval`` seconds. A failing step is logged and
+    retried after ``interval``. ``wait_first`` waits one interval before the first step."""
+
+    def __init__(self, name: str, step: Callable[[], object], interval: float, *, wait_first: bool = False) -> None:
+        self.name, self.step, self.interval, self.wait_first = name, step, interval, wait_first
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        if self.wait_first and self._stop.wait(self.interval):
+            return
+        while not self._stop.is_set():
+            try:
+                if self.step():
+                    continue
+            except Exception:
+                logging.getLogger(__name__).exception("%s failed; retrying", self.name)
+            self._stop.wait(self.interval)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+
 class GroupCommit(Generic[T, R]):
     """Group commit on a thread of its own: many callers, one transaction per batch.
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.types import BigInteger, Integer
 
 from orchestrator.auth import Principal, Role, get_tenant
-from orchestrator.db import Base, Database, UTCDateTime, insert_rows, utcnow
+from orchestrator.db import BackgroundLoop, Base, Database, UTCDateTime, insert_rows, utcnow
 from orchestrator.ledger import Ledger, LedgerWrite
 from orchestrator.objects import ObjectStore
 from sdk.dsse import Envelope, envelope_bytes
@@ -348,9 +347,8 @@ class Uploader:
     """Moves envelope bytes from the DB outbox to the object store, verified by hash, with retries."""
 
     def __init__(self, db: Database, objects: ObjectStore, *, interval: float = 0.5, batch: int = 200) -> None:
-        self.db, self.objects, self.interval, self.batch = db, objects, interval, batch
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.db, self.objects, self.batch = db, objects, batch
+        self._loop = BackgroundLoop("outbox-uploader", self.run_once, interval)
 
     def run_once(self) -> int:
         """Upload one batch; returns how many objects were moved. Every worker of ``qai serve``
@@ -399,24 +397,7 @@ class Uploader:
                 time.sleep(0.05)
 
     def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-
-        def loop() -> None:
-            while not self._stop.is_set():
-                try:
-                    if not self.run_once():
-                        self._stop.wait(self.interval)
-                except Exception:
-                    log.exception("outbox uploader failed; retrying")
-                    self._stop.wait(self.interval)
-
-        self._thread = threading.Thread(target=loop, name="outbox-uploader", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        self._loop.close()

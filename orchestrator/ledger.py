@@ -28,7 +28,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from kms.service import KMS
 from orchestrator.auth import Principal, ensure_tenant
-from orchestrator.db import Base, Database, GroupCommit, UTCDateTime, insert_rows, utcnow
+from orchestrator.db import BackgroundLoop, Base, Database, GroupCommit, UTCDateTime, insert_rows, utcnow
 from orchestrator.objects import ObjectStore
 from sdk import merkle
 from sdk.checkpoint import Checkpoint, SignedCheckpoint, format_note, sign_lines
@@ -183,8 +183,8 @@ class Ledger:
         self._writer.after_commit = self._after_commit
         self._checkpointed = -1  # size of the last checkpoint this process knows of
         self._checkpoint_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._timer: threading.Thread | None = None
+        self._timer = BackgroundLoop("ledger-checkpointer", self._checkpoint_tick, self.config.checkpoint_interval,
+                                     wait_first=True)
         self._key: KeyDocument | None = None
         # path -> bytes for objects not in the store yet (the job outbox); consulted on a miss
         self.object_fallbacks: list[Callable[[str], bytes | None]] = []
@@ -390,6 +390,10 @@ class Ledger:
             return list(s.scalars(select(LedgerCheckpointRow).where(LedgerCheckpointRow.size >= since)
                                   .order_by(LedgerCheckpointRow.size).limit(limit)))
 
+    def _checkpoint_tick(self) -> bool:
+        self.checkpoint()
+        return False  # then wait a full interval, whether or not it signed one
+
     def checkpoint(self) -> SignedCheckpoint | None:
         """Sign and store a checkpoint of the current tree if it grew since the last one."""
         with self._checkpoint_lock:
@@ -482,23 +486,9 @@ class Ledger:
 
     def start(self) -> None:
         """Start the timer that checkpoints every ``checkpoint_interval`` seconds when the log grew."""
-        if self._timer is not None or self.config.checkpoint_interval <= 0:
-            return
-        self._stop.clear()
-
-        def run() -> None:
-            while not self._stop.wait(self.config.checkpoint_interval):
-                try:
-                    self.checkpoint()
-                except Exception:
-                    log.exception("ledger checkpoint failed")
-
-        self._timer = threading.Thread(target=run, name="ledger-checkpointer", daemon=True)
-        self._timer.start()
+        if self.config.checkpoint_interval > 0:
+            self._timer.start()
 
     def close(self) -> None:
-        self._stop.set()
-        if self._timer is not None:
-            self._timer.join(timeout=30)
-            self._timer = None
+        self._timer.close()
         self._writer.close()
