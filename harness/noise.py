@@ -151,3 +151,33 @@ def simulator(snap: CalibrationSnapshot, physical: Sequence[int], *, method: str
 
     return AerSimulator(noise_model=compact_noise_model(snap, physical, readout=readout),
                         method=method or default_method(len(physical)), seed_simulator=seed)
+
+
+def device_target(snap: CalibrationSnapshot) -> Any:
+    """A transpiler ``Target`` built from the snapshot alone (gate errors and durations, readout):
+    layout and routing then prefer the device's best qubits, as they would against the vendor's
+    own target, and an imported vendor calibration needs no Qiskit backend object."""
+    _SNAPSHOTS[snap.id] = snap
+    return _device_target(snap.id)
+
+
+@lru_cache(maxsize=64)
+def _device_target(snapshot_id: str) -> Any:
+    from qiskit.circuit import Measure, Parameter
+    from qiskit.circuit.library import CXGate, CZGate, ECRGate, IGate, RZGate, SXGate, XGate
+    from qiskit.transpiler import InstructionProperties, Target
+
+    snap = _SNAPSHOTS[snapshot_id]
+    gates = {"sx": SXGate(), "x": XGate(), "id": IGate(), "ecr": ECRGate(), "cz": CZGate(), "cx": CXGate()}
+    target = Target(num_qubits=snap.num_qubits)
+    target.add_instruction(RZGate(Parameter("θ")),
+                           {(q,): InstructionProperties(error=0.0, duration=0.0) for q in range(snap.num_qubits)})
+    for name, per in snap.gates.items():
+        target.add_instruction(gates[name], {
+            tuple(int(x) for x in key.split(",")): InstructionProperties(error=v["error"], duration=v["duration"])
+            for key, v in per.items()})
+    lengths = snap.raw_metrics.get("readout_length") or [0.0] * snap.num_qubits
+    target.add_instruction(Measure(), {
+        (q,): InstructionProperties(error=(ro["p01"] + ro["p10"]) / 2, duration=float(lengths[q]) or None)
+        for q, ro in ((int(k), v) for k, v in snap.readout_errors.items())})
+    return target

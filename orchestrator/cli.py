@@ -166,6 +166,8 @@ def demo(as_json: JsonFlag = False) -> None:
 
 
 def register(app: typer.Typer) -> None:
+    from harness.backends_cli import backends_app
+    from harness.cli import harness_app
     from kms.cli import keys_app, kms_app
 
     app.command("serve")(serve)
@@ -175,4 +177,6 @@ def register(app: typer.Typer) -> None:
     app.add_typer(keys_app, name="keys")
     app.add_typer(kms_app, name="kms")
     app.add_typer(ledger_app, name="ledger")
+    app.add_typer(backends_app, name="backends")
+    app.add_typer(harness_app, name="harness")
     app.command("demo")(demo)

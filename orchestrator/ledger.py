@@ -110,6 +110,23 @@ class LedgerWrite:
     after: Callable[[Session, Sequence[IndexedEntry]], None] | None = None
 
 
+def system_key(db: Database, kms: KMS, name: str, *, suite: str, subject: str) -> KeyDocument:
+    """The system tenant's signing key ``name``, created on first use (by whichever process gets
+    there first). The caller checks the key it gets: names are global, so another tenant may hold it."""
+    try:
+        return kms.public_key(name)
+    except QaiError as exc:
+        if exc.code != "kms.key_not_found":
+            raise
+    ensure_tenant(db, SYSTEM_TENANT)
+    try:
+        return kms.create_key(name, tenant=SYSTEM_TENANT, suite=suite, principal=Principal.system(subject))
+    except QaiError as err:  # another process created it first
+        if err.code != "kms.key_exists":
+            raise
+        return kms.public_key(name)
+
+
 @dataclass(frozen=True)
 class LedgerConfig:
     origin: str = "qai.local/ledger"
@@ -356,20 +373,7 @@ class Ledger:
         """
         if self._key is not None and not refresh:
             return self._key
-        system = Principal.system("ledger")
-        try:
-            key = self.kms.public_key(self.config.key_name)
-        except QaiError as exc:
-            if exc.code != "kms.key_not_found":
-                raise
-            ensure_tenant(self.db, SYSTEM_TENANT)
-            try:
-                key = self.kms.create_key(self.config.key_name, tenant=SYSTEM_TENANT, suite=self.config.suite,
-                                          principal=system)
-            except QaiError as err:  # another process created it first
-                if err.code != "kms.key_exists":
-                    raise
-                key = self.kms.public_key(self.config.key_name)
+        key = system_key(self.db, self.kms, self.config.key_name, suite=self.config.suite, subject="ledger")
         if key.tenant != SYSTEM_TENANT or key.suite != self.config.suite or key.purpose != "signing":
             raise QaiError("ledger.bad_checkpoint_key",
                            f"key {key.name} belongs to tenant {key.tenant} with suite {key.suite}; the checkpoint "

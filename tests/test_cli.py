@@ -80,7 +80,7 @@ def test_tokens_and_help(qai) -> None:  # type: ignore[no-untyped-def]
     assert issued["token"].startswith("qai_") and issued["role"] == "signer"
     assert _json(qai("tokens", "revoke", issued["token_id"], "--json")) == {"revoked": issued["token_id"]}
     helptext = qai("--help").stdout
-    for cmd in ("serve", "keys", "kms", "tenants", "tokens", "demo", "db", "ledger", "audit"):
+    for cmd in ("serve", "keys", "kms", "tenants", "tokens", "demo", "db", "ledger", "audit", "backends", "harness"):
         assert cmd in helptext
 
 
@@ -92,10 +92,13 @@ def test_demo_ends_with_an_offline_audit_of_its_ledger(qai) -> None:  # type: ig
     assert out["manifest_verified_offline"]["tampered"] == "rejected (signature.invalid)"
     assert out["ledger"]["receipt_verified"] and out["ledger"]["checkpoint_size"] == 3
     audit = out["ledger_audit"]
-    assert audit["ok"] and audit["entries"] == 3 and audit["signatures_verified"] == 3
+    # the three jobs and the harness's signed dataset manifest
+    assert audit["ok"] and audit["entries"] == 4 and audit["signatures_verified"] == 4
     assert "--bundle" in audit["command"]
+    assert out["harness"]["rows"] > 0 and out["harness"]["ledger_index"] == 3
+    assert _json(qai("harness", "verify", out["harness"]["run_id"], "--json"))["verified"] is True
     status = _json(qai("ledger", "status", "--json"))
-    assert status["tree_size"] == 3 and status["uncovered"] == 0
+    assert status["tree_size"] == 4 and status["uncovered"] == 0
     assert _json(qai("ledger", "checkpoint", "--json"))["created"] is False
 
 

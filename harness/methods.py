@@ -1,0 +1,123 @@
+"""Error-mitigation methods the harness measures, named once: ``unmitigated``, ``readout``,
+``zne-<factory>-<folding>`` and ``ml-qem``.
+
+ZNE's extrapolation is Mitiq's (``mitiq.zne.inference``): the harness runs every scale factor
+once and hands the measured values to each factory's static ``extrapolate``, so several
+factories share one set of noise-scaled executions, exactly as their costs would on a device.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdk.errors import QaiError
+
+FACTORIES = ("linear", "poly2", "richardson", "exp")
+# Richardson and poly2 both interpolate a quadratic through three points, so poly2 gets five: it is
+# then a least-squares fit, a method of its own rather than a second name for Richardson.
+DEFAULT_SCALE_FACTORS: dict[str, tuple[float, ...]] = {
+    "linear": (1.0, 2.0, 3.0), "poly2": (1.0, 1.5, 2.0, 2.5, 3.0), "richardson": (1.0, 2.0, 3.0),
+    "exp": (1.0, 2.0, 3.0)}
+
+
+@dataclass(frozen=True)
+class Method:
+    kind: str  # unmitigated | readout | zne | ml-qem
+    factory: str | None = None
+    folding: str | None = None
+    scale_factors: tuple[float, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def name(self) -> str:
+        if self.kind == "zne":
+            return f"zne-{self.factory}-{self.folding}"
+        return self.kind
+
+    def parameters(self) -> dict[str, Any]:
+        if self.kind == "zne":
+            return {"factory": self.factory, "folding": self.folding, "scale_factors": list(self.scale_factors),
+                    **self.options}
+        return dict(self.options)
+
+
+def parse_method(text: str) -> Method:
+    """``unmitigated``, ``readout``, ``zne-<linear|poly2|richardson|exp>-<global|gate>[@1,2,3]``."""
+    name, _, scales = text.strip().partition("@")
+    if name in ("unmitigated", "readout") and not scales:
+        return Method(name)
+    if name == "ml-qem":
+        raise QaiError("harness.method_unavailable",
+                       "ml-qem needs a trained model: it is measured once the EM policy engine has one",
+                       status=422, details={"method": name})
+    parts = name.split("-")
+    if len(parts) == 3 and parts[0] == "zne" and parts[1] in FACTORIES and parts[2] in ("global", "gate"):
+        try:
+            factors = tuple(float(s) for s in scales.split(",")) if scales else DEFAULT_SCALE_FACTORS[parts[1]]
+        except ValueError:
+            raise QaiError("harness.bad_method", f"bad scale factors in {text!r}", status=422) from None
+        _check_factors(parts[1], factors)
+        return Method("zne", parts[1], parts[2], factors)
+    raise QaiError("harness.bad_method", f"unknown method {text!r}", status=422,
+                   details={"methods": ["unmitigated", "readout",
+                                        *(f"zne-{f}-{g}" for f in FACTORIES for g in ("global", "gate"))]})
+
+
+def _check_factors(factory: str, factors: Sequence[float]) -> None:
+    needed = {"linear": 2, "poly2": 3, "richardson": 2, "exp": 2}[factory]
+    if (len(factors) < needed or len(set(factors)) != len(factors) or factors[0] != 1.0
+            or any(not b > a for a, b in itertools.pairwise(factors))):
+        raise QaiError("harness.bad_method",
+                       f"zne-{factory} needs ≥ {needed} distinct increasing scale factors starting at 1, got "
+                       f"{list(factors)}", status=422)
+
+
+def extrapolate(method: Method, values: Sequence[float], *, asymptote: float = 0.0) -> float:
+    """The zero-noise value from the values measured at ``method.scale_factors`` (via Mitiq).
+
+    The exponential factory's infinite-noise limit is the observable's maximally mixed value
+    Tr(O)/2ⁿ (``asymptote``): that is where depolarizing noise drives every expectation value,
+    and fixing it turns the fit into a stable linear one on log|y − asymptote|."""
+    from mitiq.zne.inference import ExpFactory, LinearFactory, PolyFactory, RichardsonFactory
+
+    factors = list(method.scale_factors)
+    ys = [float(v) for v in values]
+    try:
+        if method.factory == "linear":
+            return float(LinearFactory.extrapolate(factors, ys))
+        if method.factory == "poly2":
+            return float(PolyFactory.extrapolate(factors, ys, order=2))
+        if method.factory == "richardson":
+            return float(RichardsonFactory.extrapolate(factors, ys))
+        if method.factory == "exp":
+            return float(ExpFactory.extrapolate(factors, ys, asymptote=float(asymptote)))
+    except Exception as exc:  # mitiq raises ExtrapolationError/ValueError on a failed fit
+        raise QaiError("zne.extrapolation_failed", f"{method.name}: {exc}", status=422) from exc
+    raise QaiError("harness.bad_method", f"unknown factory {method.factory!r}", status=422)
+
+
+def mitiq_factory(method: Method, *, asymptote: float = 0.0) -> Any:
+    """The Mitiq factory object equal to ``extrapolate(method, ...)`` (for ``execute_with_zne``)."""
+    from mitiq.zne.inference import ExpFactory, LinearFactory, PolyFactory, RichardsonFactory
+
+    factors = list(method.scale_factors)
+    return {"linear": lambda: LinearFactory(factors), "poly2": lambda: PolyFactory(factors, order=2),
+            "richardson": lambda: RichardsonFactory(factors),
+            "exp": lambda: ExpFactory(factors, asymptote=float(asymptote))}[str(method.factory)]()
+
+
+def sensitivities(method: Method, values: Sequence[float], *, asymptote: float = 0.0) -> list[float]:
+    """∂(zero-noise value)/∂(value at each scale factor). Exact for the linear estimators
+    (linear, poly2, Richardson: the extrapolation is a fixed linear combination); the delta-method
+    gradient, by central differences, for the exponential fit."""
+    step = 1e-6 * max(1.0, max(abs(v) for v in values))
+    out = []
+    for i in range(len(values)):
+        up = [v + (step if j == i else 0.0) for j, v in enumerate(values)]
+        down = [v - (step if j == i else 0.0) for j, v in enumerate(values)]
+        out.append((extrapolate(method, up, asymptote=asymptote) - extrapolate(method, down, asymptote=asymptote))
+                   / (2 * step))
+    return out
