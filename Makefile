@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := softhsm2 opensc
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup system-packages services demo test lint typecheck bench bench-kms bench-ledger bench-ingest bench-harness clean
+.PHONY: setup system-packages services demo test lint typecheck bench bench-kms bench-ledger bench-ingest bench-harness bench-nightly clean
 
 setup: system-packages $(STAMP)
 
@@ -59,7 +59,7 @@ lint:
 typecheck:
 	$(VENV)/bin/mypy
 
-bench: bench-kms bench-ledger bench-ingest bench-harness
+bench: bench-kms bench-ledger bench-ingest bench-harness bench-nightly
 
 bench-kms: setup services
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }
@@ -74,5 +74,10 @@ bench-ingest: setup services
 bench-harness: setup
 	$(PY) bench/harness_bench.py
 
+# The nightly harness workload on its own embedded default (.qai-nightly), timed.
+bench-nightly: setup
+	rm -rf .qai-nightly
+	time QAI_HOME=.qai-nightly $(VENV)/bin/qai harness run --out .qai-nightly/out
+
 clean:
-	rm -rf .qai
+	rm -rf .qai .qai-nightly

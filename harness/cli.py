@@ -32,7 +32,8 @@ def run(
     shots: Annotated[int, typer.Option(help="Shots per executed circuit.")] = 4000,
     seed: Annotated[int, typer.Option(help="Run seed: every circuit, layout, fold and shot derives from it.")] = 0,
     depth: Annotated[int | None, typer.Option(help="Override the families' default depth.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Also write the Parquet file here (file or directory).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Also write the Parquet file here (file or directory); with --no-store the histograms too.")] = None,
     workers: Annotated[int | None, typer.Option(help="Process-pool size (default: CPU count; 1 = in process).")] =
     None,
     dask_scheduler: Annotated[str | None, typer.Option(help="Run on a Dask cluster: tcp://host:port.")] = None,
@@ -78,11 +79,10 @@ def run(
             result.update(run_id=record.run_id, parquet=record.parquet_path, parquet_sha256=record.parquet_sha256,
                           dataset_manifest=record.dataset_manifest_path, ledger_index=record.ledger_index,
                           local_parquet=local)
-        elif local is not None:
-            from harness.run import to_parquet
+        elif out is not None:
+            from harness.service import write_local
 
-            Path(local).write_bytes(to_parquet(rows))
-            result["local_parquet"] = local
+            result["local_parquet"] = write_local(str(out if not out.suffix else out.parent), rows, outputs)
         summary = summarize(rows)
     if as_json:
         print_json({**result, "summary": summary})

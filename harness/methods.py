@@ -68,6 +68,9 @@ def parse_method(text: str) -> Method:
 
 def _check_factors(factory: str, factors: Sequence[float]) -> None:
     needed = {"linear": 2, "poly2": 3, "richardson": 2, "exp": 2}[factory]
+    if any(round(f, 3) != f for f in factors):
+        raise QaiError("harness.bad_method", f"scale factors take at most 3 decimals, got {list(factors)}",
+                       status=422)
     if (len(factors) < needed or len(set(factors)) != len(factors) or factors[0] != 1.0
             or any(not b > a for a, b in itertools.pairwise(factors))):
         raise QaiError("harness.bad_method",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import multiprocessing
 import os
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,7 @@ from sdk.errors import QaiError
 DEFAULT_METHODS = ("unmitigated", "readout", "zne-linear-global", "zne-poly2-global", "zne-richardson-global",
                    "zne-exp-global", "zne-richardson-gate")
 WALL_CLOCK_COLUMNS = ("runtime_seconds",)  # the only columns that differ between replays of a run
+STRING_COLUMNS = frozenset({"error_code", "simulation_method", "raw_histogram_path", "variant"})
 SORT_KEY = ("family", "circuit_id", "backend_id", "calibration_snapshot_id", "observable", "method")
 
 
@@ -102,13 +104,17 @@ def build_tasks(config: RunConfig, snapshots: Sequence[CalibrationSnapshot]) -> 
 
 def execute(task: Task, adapter: AdapterConfig) -> TaskOutput:
     """One task in a worker process (pool or Dask): the adapter is built where it runs."""
-    from harness.tasks import local_runner
+    from harness.tasks import failed_task, local_runner
 
-    if adapter.kind == "local-aer":
-        return run_task(task, local_runner({task.snapshot.id: task.snapshot}))
-    from harness.adapters import remote_runner
+    started = time.perf_counter()
+    try:
+        if adapter.kind == "local-aer":
+            return run_task(task, local_runner({task.snapshot.id: task.snapshot}))
+        from harness.adapters import remote_runner
 
-    return run_task(task, remote_runner(adapter))
+        return run_task(task, remote_runner(adapter))
+    except Exception as exc:  # one task that cannot run is recorded as failed rows; the run goes on
+        return failed_task(task, exc, time.perf_counter() - started)
 
 
 def run_tasks(tasks: Sequence[Task], adapter: AdapterConfig, *, workers: int | None = None,
@@ -166,8 +172,14 @@ def to_parquet(rows: Sequence[dict[str, Any]], metadata: dict[str, str] | None =
     beyond what pyarrow writes deterministically, so equal rows give equal files."""
     if not rows:
         raise QaiError("harness.empty_run", "no rows to write", status=422)
-    columns = list(rows[0])
+    columns = list(dict.fromkeys(c for r in rows for c in r))  # every column, in first-seen order
     table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows])
+    # A column that is null in every row (error_code in a clean run) would otherwise be typed
+    # "null", and datasets of different runs would not concatenate.
+    for i, f in enumerate(table.schema):
+        if pa.types.is_null(f.type):
+            table = table.set_column(i, f.name, table.column(i).cast(pa.string() if f.name in STRING_COLUMNS
+                                                                     else pa.float64()))
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     buf = io.BytesIO()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 import uuid
 from collections.abc import Sequence
@@ -51,6 +52,40 @@ class RunRecord:
     local_parquet: str | None = None
 
 
+def with_histograms(rows: Sequence[dict[str, Any]], outputs: Sequence[TaskOutput]
+                    ) -> tuple[list[dict[str, Any]], list[tuple[str, bytes]]]:
+    """Rows with ``raw_histogram_path`` (content-addressed), and the histogram objects to store."""
+    paths: dict[str, str] = {}
+    objects: list[tuple[str, bytes]] = []
+    for out in outputs:
+        path = f"harness/histograms/{hashlib.sha256(out.histogram).hexdigest()}.json"
+        paths[out.task_key] = path
+        objects.append((path, out.histogram))
+    return [dict(r, raw_histogram_path=paths[f"{r['circuit_id']}@{r['calibration_snapshot_id']}"])
+            for r in rows], objects
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_local(directory: str, rows: Sequence[dict[str, Any]], outputs: Sequence[TaskOutput]) -> str:
+    """A run without the platform (``--no-store``): Parquet plus its histograms under ``directory``."""
+    rows, objects = with_histograms(rows, outputs)
+    for path, data in objects:
+        target = os.path.join(directory, path)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        write_atomically(target, data)
+    out = os.path.join(directory, "results.parquet")
+    write_atomically(out, to_parquet(rows, {"qai.harness_version": HARNESS_VERSION}))
+    return out
+
+
 def new_run_id(now: datetime) -> str:
     return f"hr-{now.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(4)}"
 
@@ -87,20 +122,10 @@ def persist_run(svc: Services, config: RunConfig, rows: Sequence[dict[str, Any]]
     now = datetime.now(UTC)
     run_id = new_run_id(now)
 
-    histogram_paths: dict[str, str] = {}
-    objects: list[tuple[str, bytes]] = []
-    for out in outputs:
-        path = f"harness/histograms/{hashlib.sha256(out.histogram).hexdigest()}.json"
-        histogram_paths[out.task_key] = path
-        objects.append((path, out.histogram))
-    rows = [dict(r, raw_histogram_path=histogram_paths[f"{r['circuit_id']}@{r['calibration_snapshot_id']}"])
-            for r in rows]
+    rows, objects = with_histograms(rows, outputs)
     parquet = to_parquet(rows, {"qai.harness_version": HARNESS_VERSION})
     parquet_path = f"harness/runs/{run_id}/results.parquet"
     objects.append((parquet_path, parquet))
-    if local_path is not None:
-        with open(local_path, "wb") as f:
-            f.write(parquet)
     for err in svc.objects.put_many(objects):
         # content-addressed histograms of an earlier run with equal content are already there
         if err is not None and err.code != "object.exists":
@@ -140,6 +165,8 @@ def persist_run(svc: Services, config: RunConfig, rows: Sequence[dict[str, Any]]
         write_rows(session, first_index)
 
     indexed = svc.ledger.append([LedgerWrite([entry], before=before)])[0]
+    if local_path is not None:  # only a stored run leaves a local copy behind
+        write_atomically(local_path, parquet)
     return RunRecord(run_id=run_id, rows=len(rows), failed_rows=int(manifest["failed_rows"]),
                      parquet_path=parquet_path, dataset_manifest_path=manifest_path, ledger_index=indexed.index,
                      parquet_sha256=hashlib.sha256(parquet).hexdigest(), local_parquet=local_path)

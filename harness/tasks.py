@@ -87,6 +87,9 @@ class TaskOutput:
     rows: list[dict[str, Any]]
     histogram: bytes  # canonical JSON of every execution's counts, stored in the object store
     failures: list[dict[str, Any]] = field(default_factory=list)
+    # Submissions it took, retries included: depends on the vendor's luck, so it is kept out of the
+    # content-addressed histogram and the rows (which must replay identically).
+    attempts: int = 0
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,35 @@ def _ratio(mitigated_var: float, raw_var: float, scale: float) -> float:
     return (mitigated_var + eps) / (raw_var + eps)
 
 
+def _check_exponential(values: Sequence[float], variances: Sequence[float], asymptote: float) -> None:
+    """An exponential decay towards the asymptote needs every value on the same side of it and
+    resolvably away from it; otherwise the fit (and its variance) means nothing."""
+    gaps = [v - asymptote for v in values]
+    if any(g * gaps[0] <= 0 for g in gaps) or any(abs(g) <= math.sqrt(var) for g, var in
+                                                   zip(gaps, variances, strict=True)):
+        raise QaiError("zne.extrapolation_failed", "exp: a value is within one standard error of, or across, the "
+                       f"asymptote {asymptote:g}", status=422)
+
+
+def failed_task(task: Task, exc: BaseException, seconds: float) -> TaskOutput:
+    """Rows for a task that could not run at all (compilation, an unexpected bug): every
+    (observable, method) recorded as failed with the error's code, so the run stands."""
+    code = exc.code if isinstance(exc, QaiError) else "harness.task_failed"
+    message = exc.message if isinstance(exc, QaiError) else f"{type(exc).__name__}: {str(exc)[:300]}"
+    spec, snap = task.spec, task.snapshot
+    rows = [{
+        "job_id": task.job_id, "circuit_id": spec.circuit_id, "family": spec.family, "variant": spec.variant,
+        "num_qubits": spec.num_qubits, "backend_id": snap.backend_id, "calibration_snapshot_id": snap.id,
+        "seed": task.seed, "harness_version": HARNESS_VERSION, "observable": name, "method": m.name,
+        "parameters": canonical_json(m.parameters()).decode(), "shots": 0, "runtime_seconds": seconds,
+        "status": "failed", "error_code": code,
+    } for name in sorted(spec.observables) for m in task.methods]
+    failures = [{"task": task.key, "code": code, "message": message}]
+    histogram = canonical_json({"job_id": task.job_id, "circuit_id": spec.circuit_id,
+                                "calibration_snapshot_id": snap.id, "seed": task.seed, "error": code})
+    return TaskOutput(task.key, rows, histogram, failures)
+
+
 def run_task(task: Task, runner: Runner) -> TaskOutput:
     """Execute ``task`` through ``runner`` and measure every method on every observable."""
     spec, snap = task.spec, task.snapshot
@@ -204,6 +236,10 @@ def run_task(task: Task, runner: Runner) -> TaskOutput:
         except QaiError as exc:
             failed[ex.label] = exc
             attempts += int(getattr(exc, "attempts", 1))
+        except Exception as exc:  # a simulator or adapter bug fails this execution's rows, not the run
+            failed[ex.label] = QaiError("harness.execution_failed", f"{type(exc).__name__}: {str(exc)[:300]}",
+                                        status=500)
+            attempts += 1
         seconds[ex.label] = time.perf_counter() - started
 
     ideal = ideal_expectations(spec)
@@ -259,6 +295,8 @@ def run_task(task: Task, runner: Runner) -> TaskOutput:
                 if bad:
                     raise failed[bad[0]]
                 assert raw is not None
+                if not used or norm == 0:
+                    raise QaiError("harness.trivial_observable", f"{name} is a multiple of the identity", status=422)
                 if method.kind == "unmitigated":
                     value, multiplier = raw.value, 1.0
                 elif method.kind == "readout":
@@ -271,10 +309,15 @@ def run_task(task: Task, runner: Runner) -> TaskOutput:
                 else:
                     points = [raw if s == 1.0 else at(f"{method.folding}@{s:g}") for s in method.scale_factors]
                     ys = [p.value for p in points]
+                    if method.factory == "exp":
+                        _check_exponential(ys, [p.variance for p in points], maximally_mixed)
                     value = extrapolate(method, ys, asymptote=maximally_mixed)
                     gamma = sensitivities(method, ys, asymptote=maximally_mixed)
                     variance = sum(g * g * p.variance for g, p in zip(gamma, points, strict=True))
                     multiplier = _ratio(variance, raw.variance, norm**2) * len(method.scale_factors)
+                if not (math.isfinite(value) and math.isfinite(multiplier)):
+                    raise QaiError("zne.extrapolation_failed", f"{method.name} gave {value} (multiplier {multiplier})",
+                                   status=422)
                 noisy = _clip(raw.value, lo, hi)
                 mitigated = _clip(value, lo, hi)
                 row.update({
@@ -294,9 +337,8 @@ def run_task(task: Task, runner: Runner) -> TaskOutput:
         "shots": task.shots, "physical_qubits": list(compiled.physical), "logical_positions": list(compiled.logical),
         "executions": [{"label": ex.label, "seed": ex.seed, "counts": counts.get(ex.label),
                         "error": failed[ex.label].code if ex.label in failed else None} for ex in executions],
-        "attempts": attempts,
     })
-    return TaskOutput(task.key, rows, histogram, failures)
+    return TaskOutput(task.key, rows, histogram, failures, attempts=attempts)
 
 
 def mitiq_cross_check(task: Task, method: Method, observable: str, runner: Runner) -> float:

@@ -28,6 +28,11 @@ class QaiError(Exception):
         self.status = status
         self.details: dict[str, Any] = dict(details or {})
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Errors cross process boundaries (a process pool, a Dask worker): keep the code, the
+        # status and a subclass's own attributes rather than pickle's default (the args only).
+        return (_restore, (type(self), self.code, self.message, self.status, self.details), self.__dict__)
+
     def to_body(self) -> dict[str, Any]:
         """The JSON error body shared by every API."""
         return {"error": {"code": self.code, "message": self.message, "details": self.details}}
@@ -52,3 +57,9 @@ class VerificationError(QaiError):
 
     def __init__(self, code: str, message: str, *, details: dict[str, Any] | None = None) -> None:
         super().__init__(code, message, status=422, details=details)
+
+
+def _restore(cls: type[QaiError], code: str, message: str, status: int, details: dict[str, Any]) -> QaiError:
+    err = cls.__new__(cls)
+    QaiError.__init__(err, code, message, status=status, details=details)
+    return err

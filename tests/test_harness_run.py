@@ -260,7 +260,7 @@ def test_vendor_adapters_give_the_local_rows_and_failures_are_recorded(manila: C
         outputs = run_tasks(tasks, AdapterConfig(kind=kind, url=server.url, retry=fast), workers=1)
     remote = _content(sorted_rows(outputs))
     assert remote == local
-    assert any(json.loads(o.histogram)["attempts"] > len(json.loads(o.histogram)["executions"]) for o in outputs)
+    assert any(o.attempts > len(json.loads(o.histogram)["executions"]) for o in outputs)  # retries happened
 
     stalled = FaultProfile(stall=1.0)
     give_up = {**fast, "max_attempts": 2, "job_timeout": 0.05}
@@ -296,3 +296,51 @@ def test_a_coin_flip_readout_fails_the_readout_rows_only(manila: CalibrationSnap
                     local_runner({coin.id: coin})).rows
     assert {r["error_code"] for r in rows if r["method"] == "readout"} == {"readout.singular"}
     assert all(r["status"] == "ok" for r in rows if r["method"] == "unmitigated")
+
+
+def test_a_task_that_cannot_run_is_recorded_not_fatal(manila: CalibrationSnapshot) -> None:
+    from harness.run import execute
+
+    task = _task(manila, "random", 2, ("unmitigated", "readout"))
+    out = execute(task, AdapterConfig(kind="carrier-pigeon", url="http://127.0.0.1:9"))
+    assert out.rows and {r["error_code"] for r in out.rows} == {"adapter.unknown_kind"}
+    assert len(out.rows) == len(task.spec.observables) * 2
+
+    def broken(_request: object) -> Any:
+        raise RuntimeError("simulator crashed")
+
+    rows = run_task(task, broken).rows  # type: ignore[arg-type]
+    assert {r["error_code"] for r in rows} == {"harness.execution_failed"}
+
+
+def test_errors_keep_their_code_across_processes() -> None:
+    import pickle
+
+    from harness.adapters import AdapterError
+
+    err = pickle.loads(pickle.dumps(AdapterError("adapter.retries_exhausted", "gave up", status=503, attempts=3)))
+    assert isinstance(err, AdapterError)
+    assert (err.code, err.status, err.attempts, err.details["attempts"]) == ("adapter.retries_exhausted", 503, 3, 3)
+    plain = pickle.loads(pickle.dumps(QaiError("harness.bad_config", "no", status=422, details={"x": 1})))
+    assert (plain.code, plain.message, plain.status, plain.details) == ("harness.bad_config", "no", 422, {"x": 1})
+
+
+def test_cli_run_without_the_platform_writes_parquet_and_histograms(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {"QAI_HOME": str(tmp_path / ".qai"), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "sdk.cli", "harness", "run", "--families", "variational",
+                           "--backends", "fake_manila", "--qubits", "2", "--methods", "unmitigated,zne-linear-gate",
+                           "--shots", "200", "--workers", "1", "--no-store", "--out", str(tmp_path / "out"),
+                           "--json"], capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["rows"] == 2 and {s["method"] for s in result["summary"]} == {"unmitigated", "zne-linear-gate"}  # H
+    table = read_parquet((tmp_path / "out" / "results.parquet").read_bytes())
+    for path in set(table.column("raw_histogram_path").to_pylist()):
+        assert (tmp_path / "out" / path).exists()
+    assert not (tmp_path / ".qai").exists()  # nothing of the platform was touched
+    bad = subprocess.run([sys.executable, "-m", "sdk.cli", "harness", "run", "--qubits", "1-3", "--no-store",
+                          "--json"], capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert bad.returncode == 2 and json.loads(bad.stdout)["error"]["code"] == "harness.bad_config"
