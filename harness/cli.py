@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from sdk.errors import QaiError
-from sdk.output import JsonFlag, console, print_json, progress, table
+from sdk.output import JsonFlag, console, print_json, table
 
 harness_app = typer.Typer(help="EM regression harness: circuits × backends × mitigation methods → Parquet.",
                           no_args_is_help=True)
@@ -45,8 +44,8 @@ def run(
 ) -> None:
     """Run a harness workload, store it (Parquet, histograms, em_results, signed dataset manifest) and
     print a summary: mean abs error per method and backend, and shot cost."""
-    from harness.run import DEFAULT_METHODS, AdapterConfig, RunConfig, build_tasks, parse_qubits, run_tasks, sorted_rows
-    from harness.service import persist_run, resolve_snapshots, summarize
+    from harness.run import DEFAULT_METHODS, AdapterConfig, RunConfig, parse_qubits
+    from harness.service import resolve_snapshots, run_harness, summarize
     from orchestrator.cli import cli_errors, services
 
     with cli_errors(as_json):
@@ -59,30 +58,19 @@ def run(
             raise QaiError("harness.bad_config", f"--adapter {adapter} needs --adapter-url", status=422)
         svc = None if no_store else services()
         snapshots = resolve_snapshots(svc, _split(backends))
-        tasks = build_tasks(config, snapshots)
-        started = time.perf_counter()
-        with progress(as_json) as bar:
-            job = bar.add_task("harness", total=len(tasks))
-            outputs = run_tasks(tasks, AdapterConfig(kind=adapter, url=adapter_url), workers=workers,
-                                dask_scheduler=dask_scheduler, on_done=lambda _o: bar.advance(job))
-        elapsed = time.perf_counter() - started
-        rows = sorted_rows(outputs)
         local = None
         if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            local = str(out / "results.parquet") if out.is_dir() or not out.suffix else str(out)
-            Path(local).parent.mkdir(parents=True, exist_ok=True)
-        result: dict[str, Any] = {"tasks": len(tasks), "rows": len(rows), "seconds": round(elapsed, 1),
-                                  "failed_rows": sum(r["status"] != "ok" for r in rows)}
-        if svc is not None:
-            record = persist_run(svc, config, rows, outputs, snapshots, local_path=local)
+            local_file = out / "results.parquet" if out.is_dir() or not out.suffix else out
+            local_file.parent.mkdir(parents=True, exist_ok=True)
+            local = str(local_file)
+        done = run_harness(svc, config, snapshots, adapter=AdapterConfig(kind=adapter, url=adapter_url),
+                           workers=workers, dask_scheduler=dask_scheduler, quiet=as_json, local_path=local)
+        rows, record = done.rows, done.record
+        result: dict[str, Any] = {"tasks": done.tasks, "rows": len(rows), "seconds": round(done.seconds, 1),
+                                  "failed_rows": sum(r["status"] != "ok" for r in rows), "local_parquet": local}
+        if record is not None:
             result.update(run_id=record.run_id, parquet=record.parquet_path, parquet_sha256=record.parquet_sha256,
-                          dataset_manifest=record.dataset_manifest_path, ledger_index=record.ledger_index,
-                          local_parquet=local)
-        elif out is not None:
-            from harness.service import write_local
-
-            result["local_parquet"] = write_local(str(out if not out.suffix else out.parent), rows, outputs)
+                          dataset_manifest=record.dataset_manifest_path, ledger_index=record.ledger_index)
         summary = summarize(rows)
     if as_json:
         print_json({**result, "summary": summary})

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import secrets
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from sqlalchemy import select
 
 from harness.calibration import CalibrationSnapshot
-from harness.run import RunConfig, to_parquet
+from harness.run import AdapterConfig, RunConfig, to_parquet
 from harness.tasks import HARNESS_VERSION, TaskOutput
 from sdk.canonical import canonical_json
 from sdk.dsse import envelope_bytes, envelope_from_bundle, pae
@@ -74,16 +75,46 @@ def write_atomically(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_local(directory: str, rows: Sequence[dict[str, Any]], outputs: Sequence[TaskOutput]) -> str:
-    """A run without the platform (``--no-store``): Parquet plus its histograms under ``directory``."""
+def write_local(parquet_path: str, rows: Sequence[dict[str, Any]], outputs: Sequence[TaskOutput]) -> None:
+    """A run without the platform (``--no-store``): the Parquet file, its histograms beside it."""
     rows, objects = with_histograms(rows, outputs)
     for path, data in objects:
-        target = os.path.join(directory, path)
+        target = os.path.join(os.path.dirname(parquet_path), path)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         write_atomically(target, data)
-    out = os.path.join(directory, "results.parquet")
-    write_atomically(out, to_parquet(rows, {"qai.harness_version": HARNESS_VERSION}))
-    return out
+    write_atomically(parquet_path, to_parquet(rows, {"qai.harness_version": HARNESS_VERSION}))
+
+
+@dataclass(frozen=True)
+class HarnessRun:
+    tasks: int
+    seconds: float  # wall clock of the executions
+    rows: list[dict[str, Any]]
+    record: RunRecord | None  # None when nothing was stored (no services)
+
+
+def run_harness(svc: Services | None, config: RunConfig, snapshots: Sequence[CalibrationSnapshot], *,
+                adapter: AdapterConfig | None = None, workers: int | None = None,
+                dask_scheduler: str | None = None, quiet: bool = False, local_path: str | None = None) -> HarnessRun:
+    """Run ``config`` on ``snapshots`` with a progress bar, then store it (``svc``) and/or write
+    ``local_path``: what ``qai harness run`` and the demo do."""
+    from harness.run import build_tasks, run_tasks, sorted_rows
+    from sdk.output import progress
+
+    tasks = build_tasks(config, snapshots)
+    started = time.perf_counter()
+    with progress(quiet) as bar:
+        job = bar.add_task("harness", total=len(tasks))
+        outputs = run_tasks(tasks, adapter or AdapterConfig(), workers=workers, dask_scheduler=dask_scheduler,
+                            on_done=lambda _o: bar.advance(job))
+    seconds = time.perf_counter() - started
+    rows = sorted_rows(outputs)
+    record = None
+    if svc is not None:
+        record = persist_run(svc, config, rows, outputs, snapshots, local_path=local_path)
+    elif local_path is not None:
+        write_local(local_path, rows, outputs)
+    return HarnessRun(tasks=len(tasks), seconds=seconds, rows=rows, record=record)
 
 
 def new_run_id(now: datetime) -> str:
@@ -149,7 +180,8 @@ def persist_run(svc: Services, config: RunConfig, rows: Sequence[dict[str, Any]]
     entry = LedgerEntry(type=DATASET_ENTRY_TYPE, sha256=hashlib.sha256(envelope).hexdigest(), path=manifest_path,
                         tenant=SYSTEM_TENANT, time=now)
 
-    def write_rows(session: Session, first_index: int) -> None:
+    def before(session: Session, first_index: int) -> None:
+        """The run's rows, in the ledger entry's transaction."""
         from harness.models import EM_RESULTS, HARNESS_RUNS
         from orchestrator.db import insert_rows
 
@@ -160,9 +192,6 @@ def persist_run(svc: Services, config: RunConfig, rows: Sequence[dict[str, Any]]
             "dataset_manifest_path": manifest_path, "ledger_index": first_index}])
 
     from orchestrator.ledger import LedgerWrite
-
-    def before(session: Session, first_index: int) -> None:
-        write_rows(session, first_index)
 
     indexed = svc.ledger.append([LedgerWrite([entry], before=before)])[0]
     if local_path is not None:  # only a stored run leaves a local copy behind

@@ -33,7 +33,7 @@ from sdk.errors import QaiError
 from sdk.hooks import instrument
 from sdk.ledger import verify_receipt
 from sdk.manifest import dump_yaml, verify_manifest
-from sdk.output import console, print_json, progress, table
+from sdk.output import console, print_json, table
 from sdk.signing import KeyDocument, SignatureBundle, verify_bundle
 
 TENANT = "demo-org"
@@ -219,18 +219,15 @@ def run_demo(svc: Services, *, as_json: bool = False) -> dict[str, Any]:
 def _harness(svc: Services, quiet: bool) -> dict[str, Any]:
     """A small harness workload on real IBM calibrations (5, 127 and 133 qubits), stored and signed."""
     from harness.cli import print_summary
-    from harness.run import AdapterConfig, RunConfig, build_tasks, run_tasks, sorted_rows
-    from harness.service import persist_run, resolve_snapshots, summarize
+    from harness.run import RunConfig
+    from harness.service import resolve_snapshots, run_harness, summarize
 
     config = RunConfig(qubits=(2, 3), methods=("unmitigated", "readout", "zne-richardson-global",
                                                "zne-linear-gate"), shots=2000, seed=2026)
     snapshots = resolve_snapshots(svc, ["fake_manila", "fake_sherbrooke", "fake_torino"])
-    tasks = build_tasks(config, snapshots)
-    with progress(quiet) as bar:
-        job = bar.add_task("harness", total=len(tasks))
-        outputs = run_tasks(tasks, AdapterConfig(), workers=2, on_done=lambda _o: bar.advance(job))
-    rows = sorted_rows(outputs)
-    record = persist_run(svc, config, rows, outputs, snapshots)
+    done = run_harness(svc, config, snapshots, workers=2, quiet=quiet)
+    rows, record = done.rows, done.record
+    assert record is not None  # stored: the services were given
     svc.ledger.checkpoint()  # so the audit of the next steps covers the dataset's entry too
     if not quiet:
         print_summary(summarize(rows))
