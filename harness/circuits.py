@@ -573,13 +573,66 @@ def _gate_counts(qc: QuantumCircuit) -> tuple[int, int]:
     return one, two
 
 
+def observable_features(op: SparsePauliOp) -> dict[str, float]:
+    """One observable's encoding, as ML-QEM takes it (Liao et al. 2024 encode the measured Pauli
+    terms): largest and mean Pauli weight, number of non-identity terms and the identity
+    coefficient (the value full depolarisation drives the expectation to)."""
+    weights: list[int] = []
+    identity = 0.0
+    for pauli, coeff in zip(op.simplify().paulis, op.simplify().coeffs, strict=True):
+        weight = int(np.count_nonzero(pauli.x | pauli.z))
+        if weight:
+            weights.append(weight)
+        else:
+            identity += float(np.real(coeff))
+    return {"obs_weight": float(max(weights, default=0)),
+            "obs_mean_weight": float(np.mean(weights)) if weights else 0.0,
+            "obs_terms": float(len(weights)), "obs_identity": identity}
+
+
+def mapping_entropy(transpiled: QuantumCircuit) -> float:
+    """Shannon entropy (bits) of how a compiled circuit's gate operations spread over its physical
+    qubits: low when a few qubits carry the work (and their errors dominate), log2(n) when even."""
+    load: dict[int, int] = {}
+    for inst in transpiled.data:
+        if inst.operation.name in _NON_GATES:
+            continue
+        for q in inst.qubits:
+            index = transpiled.find_bit(q).index
+            load[index] = load.get(index, 0) + 1
+    total = sum(load.values())
+    if not total:
+        return 0.0
+    return float(-sum(c / total * math.log2(c / total) for c in load.values()))
+
+
+def gate_features(logical: QuantumCircuit, transpiled: QuantumCircuit | None = None) -> dict[str, float | int]:
+    """Gate-count and shape features of a circuit and, when given, its compiled form. Measurements
+    count the measured qubits; a unitary circuit (measured by the harness in every basis) counts all."""
+    one, two = _gate_counts(logical)
+    measured = {logical.find_bit(inst.qubits[0]).index for inst in logical.data if inst.operation.name == "measure"}
+    features: dict[str, float | int] = {
+        "num_qubits": logical.num_qubits,
+        "logical_depth": int(logical.depth(lambda inst: inst.operation.name not in _NON_GATES)),
+        "logical_2q_count": two,
+        "logical_1q_count": one,
+        "measurements": len(measured) or logical.num_qubits,
+    }
+    if transpiled is not None:
+        t_one, t_two = _gate_counts(transpiled)
+        features["transpiled_depth"] = int(transpiled.depth(lambda inst: inst.operation.name not in _NON_GATES))
+        features["transpiled_2q_count"] = t_two
+        features["transpiled_1q_count"] = t_one
+        features["mapping_entropy"] = mapping_entropy(transpiled)
+    return features
+
+
 def circuit_features(spec: CircuitSpec, transpiled: QuantumCircuit | None = None) -> dict[str, float | int]:
     """Size and cost features of a benchmark circuit, for regressions of mitigation error on hardness.
 
     ``depth`` is the spec's layer count; ``logical_depth`` the circuit's gate depth. Observable features
     cover all observables: the largest Pauli weight and the total number of non-identity terms.
     """
-    one, two = _gate_counts(spec.circuit)
     weights: list[int] = []
     terms = 0
     for op in spec.observables.values():
@@ -588,19 +641,5 @@ def circuit_features(spec: CircuitSpec, transpiled: QuantumCircuit | None = None
             if weight:
                 weights.append(weight)
                 terms += 1
-    features: dict[str, float | int] = {
-        "num_qubits": spec.num_qubits,
-        "depth": spec.depth,
-        "logical_depth": int(spec.circuit.depth()),
-        "logical_2q_count": two,
-        "logical_1q_count": one,
-        "num_observables": len(spec.observables),
-        "observable_max_weight": max(weights, default=0),
-        "observable_num_terms": terms,
-    }
-    if transpiled is not None:
-        t_one, t_two = _gate_counts(transpiled)
-        features["transpiled_depth"] = int(transpiled.depth())
-        features["transpiled_2q_count"] = t_two
-        features["transpiled_1q_count"] = t_one
-    return features
+    return {"depth": spec.depth, **gate_features(spec.circuit, transpiled), "num_observables": len(spec.observables),
+            "observable_max_weight": max(weights, default=0), "observable_num_terms": terms}

@@ -40,6 +40,8 @@ def run(
     adapter_url: Annotated[str | None, typer.Option(help="Base URL of the ibm-like/braket-like vendor.")] = None,
     no_store: Annotated[bool, typer.Option("--no-store", help="Write Parquet only: no object store, DB or ledger."
                                            )] = False,
+    mlqem_bundle: Annotated[Path | None, typer.Option(
+        help="EM policy bundle that the ml-qem method applies (default: the registry's champion).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Run a harness workload, store it (Parquet, histograms, em_results, signed dataset manifest) and
@@ -49,14 +51,21 @@ def run(
     from orchestrator.cli import cli_errors, services
 
     with cli_errors(as_json):
+        svc = None if no_store else services()
+        method_names = _split(methods) or DEFAULT_METHODS
+        bundle: str | None = str(mlqem_bundle) if mlqem_bundle else None
+        version: str | None = None
+        if "ml-qem" in method_names and bundle is None and svc is not None:
+            from em_policy.registry import champion_file
+
+            bundle, version = champion_file(svc)
         config = RunConfig(families=_split(families), qubits=parse_qubits(qubits),
-                           circuits_per_family=circuits_per_family, methods=_split(methods) or DEFAULT_METHODS,
-                           shots=shots, seed=seed, depth=depth)
+                           circuits_per_family=circuits_per_family, methods=method_names,
+                           shots=shots, seed=seed, depth=depth, mlqem_bundle=bundle, mlqem_version=version)
         if adapter not in ("local-aer", "ibm-like", "braket-like"):
             raise QaiError("harness.bad_config", f"unknown adapter {adapter!r}", status=422)
         if adapter != "local-aer" and not adapter_url:
             raise QaiError("harness.bad_config", f"--adapter {adapter} needs --adapter-url", status=422)
-        svc = None if no_store else services()
         snapshots = resolve_snapshots(svc, _split(backends))
         local = None
         if out is not None:

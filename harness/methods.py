@@ -8,9 +8,11 @@ factories share one set of noise-scaled executions, exactly as their costs would
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sdk.errors import QaiError
@@ -30,6 +32,7 @@ class Method:
     folding: str | None = None
     scale_factors: tuple[float, ...] = ()
     options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    source: str | None = field(default=None, compare=False, hash=False)  # ml-qem: the policy bundle file
 
     @property
     def name(self) -> str:
@@ -49,10 +52,8 @@ def parse_method(text: str) -> Method:
     name, _, scales = text.strip().partition("@")
     if name in ("unmitigated", "readout") and not scales:
         return Method(name)
-    if name == "ml-qem":
-        raise QaiError("harness.method_unavailable",
-                       "ml-qem needs a trained model: it is measured once the EM policy engine has one",
-                       status=422, details={"method": name})
+    if name == "ml-qem" and not scales:
+        return Method("ml-qem")  # unbound: ``bind_model`` gives it the trained model it needs
     parts = name.split("-")
     if len(parts) == 3 and parts[0] == "zne" and parts[1] in FACTORIES and parts[2] in ("global", "gate"):
         try:
@@ -64,6 +65,23 @@ def parse_method(text: str) -> Method:
     raise QaiError("harness.bad_method", f"unknown method {text!r}", status=422,
                    details={"methods": ["unmitigated", "readout",
                                         *(f"zne-{f}-{g}" for f in FACTORIES for g in ("global", "gate"))]})
+
+
+def bind_model(method: Method, bundle: str | None, version: str | None) -> Method:
+    """``ml-qem`` with the EM policy bundle it applies (a file; its sha256 and version go into the
+    rows' parameters, so a row says which model mitigated it)."""
+    if method.kind != "ml-qem":
+        return method
+    if not bundle:
+        raise QaiError("harness.method_unavailable", "ml-qem needs a trained model: train one (qai policy train) "
+                       "or pass a bundle (--mlqem-bundle)", status=422, details={"method": method.name})
+    try:
+        digest = hashlib.sha256(Path(bundle).read_bytes()).hexdigest()
+    except OSError as exc:
+        raise QaiError("harness.method_unavailable", f"cannot read the ml-qem bundle {bundle}: {exc}",
+                       status=422) from None
+    return Method("ml-qem", options={"model_version": version or f"file:{Path(bundle).name}", "bundle_sha256": digest},
+                  source=str(bundle))
 
 
 def _check_factors(factory: str, factors: Sequence[float]) -> None:

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from harness.calibration import CalibrationSnapshot
 from harness.circuits import FAMILIES, generate
-from harness.methods import Method, parse_method
+from harness.methods import Method, bind_model, parse_method
 from harness.tasks import Task, TaskOutput, run_task
 from sdk.errors import QaiError
 
@@ -49,6 +49,8 @@ class RunConfig:
     shots: int = 4000
     seed: int = 0
     depth: int | None = None
+    mlqem_bundle: str | None = None  # the EM policy bundle ml-qem applies
+    mlqem_version: str | None = None
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.families if f not in FAMILIES]
@@ -66,7 +68,7 @@ class RunConfig:
     def parsed_methods(self) -> tuple[Method, ...]:
         if not self.methods:
             raise QaiError("harness.bad_config", "no methods", status=422)
-        methods = tuple(parse_method(m) for m in self.methods)
+        methods = tuple(bind_model(parse_method(m), self.mlqem_bundle, self.mlqem_version) for m in self.methods)
         names = [m.name for m in methods]
         if len(set(names)) != len(names):
             raise QaiError("harness.bad_config", f"a method is listed twice: {names}", status=422)

@@ -23,7 +23,14 @@ from qiskit import QuantumCircuit, transpile
 from qiskit.quantum_info import SparsePauliOp
 
 from harness.calibration import TWO_QUBIT_GATES, CalibrationSnapshot, qubits_key
-from harness.circuits import CircuitSpec, circuit_features, ideal_expectations, observable_norm, observable_range
+from harness.circuits import (
+    CircuitSpec,
+    circuit_features,
+    ideal_expectations,
+    observable_features,
+    observable_norm,
+    observable_range,
+)
 from harness.estimation import (
     Estimate,
     Estimator,
@@ -191,6 +198,31 @@ def _check_exponential(values: Sequence[float], variances: Sequence[float], asym
                        f"asymptote {asymptote:g}", status=422)
 
 
+_MODELS: dict[tuple[str, str], Any] = {}  # per worker process: bundles are loaded once
+
+
+def mlqem_value(method: Method, row: Mapping[str, Any]) -> tuple[float, float]:
+    """ML-QEM's mitigated value for one row (features and ``noisy``), and the model's training shots
+    amortised per job, from the bound policy bundle (checked against its sha256)."""
+    import pandas as pd
+
+    from em_policy.bundle import loads
+
+    digest = str(method.options.get("bundle_sha256", ""))
+    if not method.source or not digest:
+        raise QaiError("harness.method_unavailable", "ml-qem has no model bound", status=422)
+    key = (method.source, digest)
+    model = _MODELS.get(key)
+    if model is None:
+        with open(method.source, "rb") as f:
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise QaiError("harness.model_changed", f"{method.source} no longer has sha256 {digest}", status=409)
+        model = _MODELS[key] = loads(data)
+    value = float(model.mitigate(pd.DataFrame([dict(row)]))[0])
+    return value, float(model.metadata["amortized_training_shots"])
+
+
 def failed_task(task: Task, exc: BaseException, seconds: float) -> TaskOutput:
     """Rows for a task that could not run at all (compilation, an unexpected bug): every
     (observable, method) recorded as failed with the error's code, so the run stands."""
@@ -265,6 +297,7 @@ def run_task(task: Task, runner: Runner) -> TaskOutput:
         lo, hi = observable_range(op)
         norm = observable_norm(op)
         maximally_mixed = identity_coefficient(op)
+        encoding = observable_features(op)
 
         def at(prefix: str, e: Estimator = est, used: list[str] = used) -> Estimate:
             return estimate(e, {b: hist[f"{prefix}/{b}"] for b in used})
@@ -283,12 +316,12 @@ def run_task(task: Task, runner: Runner) -> TaskOutput:
             row: dict[str, Any] = {
                 **common, "observable": name, "method": method.name,
                 "parameters": canonical_json(method.parameters()).decode(),
-                "ideal": ideal[name], "obs_min": lo, "obs_max": hi, "obs_norm": norm,
+                "ideal": ideal[name], "obs_min": lo, "obs_max": hi, "obs_norm": norm, **encoding,
                 "shots": task.shots * len(labels),
                 "runtime_seconds": compiled.seconds + sum(seconds[lb] for lb in labels),
                 "noisy": None, "mitigated": None, "mitigated_raw": None, "abs_error": None,
                 "unmitigated_fidelity": None, "mitigated_fidelity": None, "shot_multiplier": None,
-                "status": "ok", "error_code": None,
+                "amortized_training_shots": None, "status": "ok", "error_code": None,
             }
             try:
                 bad = [lb for lb in labels if lb in failed]
@@ -299,6 +332,11 @@ def run_task(task: Task, runner: Runner) -> TaskOutput:
                     raise QaiError("harness.trivial_observable", f"{name} is a multiple of the identity", status=422)
                 if method.kind == "unmitigated":
                     value, multiplier = raw.value, 1.0
+                elif method.kind == "ml-qem":
+                    # the model reads the unmitigated value: the same executions, no extra shots
+                    value, amortized = mlqem_value(method, {**row, "noisy": _clip(raw.value, lo, hi)})
+                    multiplier = 1.0
+                    row["amortized_training_shots"] = amortized
                 elif method.kind == "readout":
                     if isinstance(inverse, QaiError):
                         raise inverse

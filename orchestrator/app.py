@@ -16,7 +16,7 @@ from orchestrator.http import BodySizeLimit, ServicesDep, install_error_handlers
 from orchestrator.services import Services, get_services
 from sdk.errors import QaiError
 
-COMPONENTS = ("kms", "ledger", "jobs")
+COMPONENTS = ("kms", "ledger", "jobs", "em-policy")
 
 health = APIRouter(tags=["health"])
 
@@ -53,6 +53,10 @@ def _routers(component: str) -> list[APIRouter]:
         from orchestrator.ledger_api import router as ledger_router
 
         return [ledger_router]
+    if component == "em-policy":
+        from em_policy.api import router as policy_router
+
+        return [policy_router]
     raise QaiError("serve.unknown_component", f"unknown component {component!r}",
                    details={"components": list(COMPONENTS)})
 

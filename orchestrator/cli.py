@@ -43,7 +43,7 @@ ledger_app = typer.Typer(help="The run ledger (server side; auditors use `qai au
 
 
 def serve(
-    component: Annotated[str, typer.Argument(help="all, or one of: kms, ledger, jobs")] = "all",
+    component: Annotated[str, typer.Argument(help="all, or one of: kms, ledger, jobs, em-policy")] = "all",
     host: str = "127.0.0.1",
     port: int = 8000,
     workers: int = 1,
@@ -166,6 +166,7 @@ def demo(as_json: JsonFlag = False) -> None:
 
 
 def register(app: typer.Typer) -> None:
+    from em_policy.cli import policy_app
     from harness.backends_cli import backends_app
     from harness.cli import harness_app
     from kms.cli import keys_app, kms_app
@@ -179,4 +180,5 @@ def register(app: typer.Typer) -> None:
     app.add_typer(ledger_app, name="ledger")
     app.add_typer(backends_app, name="backends")
     app.add_typer(harness_app, name="harness")
+    app.add_typer(policy_app, name="policy")
     app.command("demo")(demo)

@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     s3_secret_access_key: SecretStr | None = None
     s3_prefix: str = ""
     redis_url: str | None = None
+    mlflow_tracking_uri: str | None = Field(
+        default=None, description="MLflow tracking/registry URI; default: SQLite under home/mlflow.")
 
     # HSM (PKCS#11)
     pkcs11_module: str = Field(default_factory=_default_module)

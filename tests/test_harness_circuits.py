@@ -23,13 +23,16 @@ from harness.circuits import (
     CircuitSpec,
     append_pauli_rotation,
     circuit_features,
+    gate_features,
     generate,
     h2_hamiltonian,
     heisenberg_trotter_circuit,
     ideal_expectations,
+    mapping_entropy,
     maxcut_hamiltonian,
     mean_z,
     mean_zz,
+    observable_features,
     observable_norm,
     observable_range,
     pauli_trotter_circuit,
@@ -324,7 +327,8 @@ def test_features_logical_and_transpiled() -> None:
     logical = circuit_features(spec)
     assert logical == {
         "num_qubits": 4, "depth": 2, "logical_depth": spec.circuit.depth(), "logical_2q_count": 12,
-        "logical_1q_count": 4 + 2 * 4, "num_observables": 1, "observable_max_weight": 2, "observable_num_terms": 6,
+        "logical_1q_count": 4 + 2 * 4, "measurements": 4, "num_observables": 1, "observable_max_weight": 2,
+        "observable_num_terms": 6,
     }
     assert not any(k.startswith("transpiled_") for k in logical)
 
@@ -332,7 +336,8 @@ def test_features_logical_and_transpiled() -> None:
     compiled = transpile(spec.circuit, basis_gates=["rz", "sx", "x", "cx"], coupling_map=line,
                          optimization_level=1, seed_transpiler=11)
     features = circuit_features(spec, compiled)
-    assert {"transpiled_depth", "transpiled_2q_count", "transpiled_1q_count"} <= features.keys()
+    assert {"transpiled_depth", "transpiled_2q_count", "transpiled_1q_count", "mapping_entropy"} <= features.keys()
+    assert 0 < features["mapping_entropy"] <= math.log2(compiled.num_qubits)
     assert features["transpiled_2q_count"] == sum(1 for i in compiled.data if len(i.qubits) == 2)
     assert features["transpiled_2q_count"] >= 12  # each rzz needs two CX, and K4 on a line needs swaps
     assert features["transpiled_depth"] == compiled.depth()
@@ -342,6 +347,26 @@ def test_features_logical_and_transpiled() -> None:
     assert circuit_features(spec, measured)["transpiled_1q_count"] == features["transpiled_1q_count"]
     h2 = generate("trotter", 4, 3, 0)[2]
     assert circuit_features(h2)["observable_max_weight"] == 4  # the XXXX/YYYY double-excitation terms
+
+
+def test_mapping_entropy_and_observable_encoding() -> None:
+    even = QuantumCircuit(4)
+    for q in range(4):
+        even.sx(q)
+    assert mapping_entropy(even) == pytest.approx(2.0)  # four qubits equally loaded: log2(4) bits
+    lopsided = QuantumCircuit(4)
+    for _ in range(7):
+        lopsided.sx(0)
+    lopsided.sx(1)
+    assert mapping_entropy(lopsided) == pytest.approx(-(7 / 8) * math.log2(7 / 8) - (1 / 8) * math.log2(1 / 8))
+    assert mapping_entropy(QuantumCircuit(3)) == 0.0
+    measured = QuantumCircuit(3, 2)
+    measured.h(0)
+    measured.measure([0, 1], [0, 1])
+    assert gate_features(measured)["measurements"] == 2
+    op = SparsePauliOp.from_list([("II", 0.5), ("ZZ", -1.0), ("XI", 0.25)])
+    assert observable_features(op) == {"obs_weight": 2.0, "obs_mean_weight": 1.5, "obs_terms": 2.0,
+                                       "obs_identity": 0.5}
 
 
 # ------------------------------------------------------------------------------------------ validation

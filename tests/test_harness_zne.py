@@ -153,10 +153,12 @@ def test_methods_parse_and_name() -> None:
     assert parse_method("readout").name == "readout"
     for bad, code in (("zne-cubic-global", "harness.bad_method"), ("zne-poly2-global@1,2", "harness.bad_method"),
                       ("zne-linear-global@2,3", "harness.bad_method"), ("zne-linear-global@1,x", "harness.bad_method"),
-                      ("ml-qem", "harness.method_unavailable")):
+                      ("ml-qem@1,2", "harness.bad_method")):
         with pytest.raises(QaiError) as e:
             parse_method(bad)
         assert e.value.code == code
+    # ml-qem parses unbound; a run binds it to a model (or refuses it: tests/test_policy.py)
+    assert (parse_method("ml-qem").kind, parse_method("ml-qem").source) == ("ml-qem", None)
 
 
 def test_extrapolation_is_mitiqs_and_sensitivities_are_exact_for_linear_estimators() -> None:

@@ -1,0 +1,170 @@
+"""EM policy serving speed, against baselines measured in the same run.
+
+(1) In-process: one decision (ranker + 5-MLP regressor + confidence) from the served bundle, one
+    row at a time, against the naive way: scikit-learn's RandomForestClassifier.predict_proba on one
+    row, for a forest of the same size fit on the same ranker rows. Ratio = naive / served.
+(2) HTTP: ``qai serve em-policy`` (uvicorn, one worker) at an open-loop 200 requests/s of
+    ``POST /v1/predict`` with precomputed features; latency is measured from each request's
+    scheduled send time, so a stall counts in full (no coordinated omission). Then the same with
+    OpenQASM bodies of repeated circuits (compiled features are cached per circuit and snapshot).
+
+    .venv/bin/python bench/policy_bench.py --data PARQUET [--seconds 20] [--rate 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def in_process(data: list[str], rounds: int) -> tuple[dict[str, Any], Any, Any]:
+    from sklearn.ensemble import RandomForestClassifier
+
+    from em_policy.bundle import dumps, loads
+    from em_policy.dataset import load
+    from em_policy.policy import BUDGET_RATIOS, TrainConfig, all_labels, design, fit
+
+    frame, sha, _ = load(data)
+    fitted = fit(frame, TrainConfig(), dataset_sha256=sha)
+    model = loads(dumps(fitted.model))  # exactly what the service serves
+    prep, hist = fitted.prep, fitted.hist
+    train = prep.groups["split"] == "train"
+    x, index = design(prep, hist, train, BUDGET_RATIOS)
+    labels = all_labels(prep, TrainConfig().tie_tolerance)
+    naive = RandomForestClassifier(n_estimators=200, min_samples_leaf=2, random_state=0, n_jobs=1)
+    naive.fit(x, [labels[i] for i in index])
+    holdout = prep.groups["split"] == "holdout"
+    rows = [model.with_history(r, str(k[2])) for k, r in
+            zip(prep.groups.index[holdout], prep.groups.loc[holdout].to_dict("records"), strict=True)]
+    xh, _ = design(prep, hist, holdout, [64])
+
+    served, baseline = [], []
+    for i in range(rounds):  # interleaved, so drift in machine speed hits both alike
+        row = rows[i % len(rows)]
+        t = time.perf_counter()
+        model.decide([row], [64.0])
+        served.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        naive.predict_proba(xh[i % len(xh)].reshape(1, -1))
+        baseline.append(time.perf_counter() - t)
+    if model.ranker.kind == "rf":  # the served forest gives sklearn's numbers
+        from em_policy.fastpath import CompiledForest
+
+        assert np.array_equal(CompiledForest.from_sklearn(naive).predict_proba(xh), naive.predict_proba(xh))
+    result = {"served_p50_ms": 1e3 * statistics.median(served), "served_p99_ms": 1e3 * pct(served, 99),
+              "naive_rf_p50_ms": 1e3 * statistics.median(baseline), "naive_rf_p99_ms": 1e3 * pct(baseline, 99),
+              "ranker": model.ranker.kind}
+    result["speedup_p50"] = result["naive_rf_p50_ms"] / result["served_p50_ms"]
+    return result, fitted, model
+
+
+async def open_loop(url: str, bodies: list[dict[str, Any]], token: str, rate: float, seconds: float
+                    ) -> dict[str, Any]:
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}, limits=limits,
+                                 timeout=30) as client:
+        for b in bodies[:20]:  # warm-up: model load, feature cache
+            await client.post("/v1/predict", json=b)
+        n = int(rate * seconds)
+        start = time.perf_counter() + 0.2
+
+        async def one(i: int) -> None:
+            nonlocal errors
+            scheduled = start + i / rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            r = await client.post("/v1/predict", json=bodies[i % len(bodies)])
+            latencies.append(time.perf_counter() - scheduled)
+            if r.status_code != 200:
+                errors += 1
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+    return {"requests": len(latencies), "errors": errors, "p50_ms": 1e3 * statistics.median(latencies),
+            "p99_ms": 1e3 * pct(latencies, 99), "max_ms": 1e3 * max(latencies)}
+
+
+def http(fitted: Any, model: Any, rate: float, seconds: float) -> dict[str, Any]:
+    from bench.serving import qai_serve
+    from em_policy.bundle import dumps
+    from em_policy.registry import promote, register
+    from harness.backends import import_catalog
+    from orchestrator.auth import Role, issue_token
+    from orchestrator.services import build_services
+    from orchestrator.settings import Settings
+
+    home = Path(tempfile.mkdtemp(prefix="qai-policy-bench-"))
+    env = {**os.environ, "QAI_HOME": str(home)}
+    settings = Settings(home=home)
+    svc = build_services(settings)
+    try:
+        import_catalog(svc.db)
+        mv = register(svc, dumps(fitted.model), params={}, metrics={}, dataset_sha256="bench", metadata={})
+        promote(svc, mv.version)
+        token = issue_token(svc.db, role=Role.AUDITOR, tenant=None).token
+    finally:
+        svc.close()
+    prep = fitted.prep
+    holdout = prep.groups["split"] == "holdout"
+    feature_bodies = []
+    for key, row in zip(prep.groups.index[holdout], prep.groups.loc[holdout].to_dict("records"), strict=True):
+        from em_policy.service import FEATURE_INPUT
+
+        feature_bodies.append({"features": {k: float(row[k]) for k in FEATURE_INPUT},
+                               "calibration_snapshot_id": str(key[2]), "shot_budget": 256_000, "shots": 4000})
+    qasm_bodies = [{"qasm": GHZ.format(n=n, body=_ghz(n)), "backend_id": b, "shot_budget": 256_000}
+                   for n in (2, 3, 4) for b in ("fake_nairobi", "fake_kyiv")]
+    with qai_serve("em-policy", env=env) as url:
+        features = asyncio.run(open_loop(url, feature_bodies, token, rate, seconds))
+        qasm = asyncio.run(open_loop(url, qasm_bodies, token, rate, seconds))
+    return {"features": features, "qasm_repeated": qasm}
+
+
+GHZ = 'OPENQASM 3.0;\ninclude "stdgates.inc";\nqubit[{n}] q;\nh q[0];\n{body}'
+
+
+def _ghz(n: int) -> str:
+    return "".join(f"cx q[{i}], q[{i + 1}];\n" for i in range(n - 1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", action="append", required=True, help="harness Parquet (repeatable)")
+    parser.add_argument("--rounds", type=int, default=2000)
+    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    args = parser.parse_args()
+    print("training the policy (the served bundle and the naive forest) ...", flush=True)
+    proc, fitted, model = in_process(args.data, args.rounds)
+    print(f"(1) in-process, one decision per call, ranker {proc['ranker']}:")
+    print(f"    served bundle      p50 {proc['served_p50_ms']:.3f} ms   p99 {proc['served_p99_ms']:.3f} ms")
+    print(f"    naive sklearn RF   p50 {proc['naive_rf_p50_ms']:.3f} ms   p99 {proc['naive_rf_p99_ms']:.3f} ms")
+    print(f"    speed-up (p50)     {proc['speedup_p50']:.1f}x   (target >= 10x)")
+    h = http(fitted, model, args.rate, args.seconds)
+    for name, r in h.items():
+        print(f"(2) HTTP {name}, {args.rate:.0f} req/s open loop, {r['requests']} requests, {r['errors']} errors: "
+              f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  max {r['max_ms']:.1f} ms  (target p99 <= 15 ms)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""``/v1/predict`` and ``/v1/predict:batch``: thin; the logic is ``em_policy.service``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+
+from em_policy.service import PolicyService, Prediction, PredictRequest
+from orchestrator.http import PrincipalDep, ServicesDep
+from orchestrator.services import Services
+from sdk.errors import QaiError
+
+MAX_BATCH = 1000
+
+router = APIRouter(prefix="/v1", tags=["em-policy"])
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    requests: list[PredictRequest] = Field(max_length=MAX_BATCH)
+
+
+def policy_service(svc: Services) -> PolicyService:
+    service = svc.extras.get("em_policy")
+    if not isinstance(service, PolicyService):
+        service = PolicyService(svc)
+        svc.extras["em_policy"] = service
+    return service
+
+
+@router.post("/predict", response_model=Prediction,
+             summary="Recommend an error-mitigation method: parameters, shot overhead, expected fidelity, confidence",
+             responses={503: {"description": "no model is promoted yet (code em_policy.model_unavailable)"}})
+def predict(body: PredictRequest, svc: ServicesDep, who: PrincipalDep) -> Prediction:
+    return policy_service(svc).predict(body)
+
+
+@router.post("/predict:batch", summary="Many predictions; one result (prediction or error) per request, in order")
+def predict_batch(body: BatchRequest, svc: ServicesDep, who: PrincipalDep) -> dict[str, Any]:
+    service = policy_service(svc)
+    service.model()  # no model: the whole batch is a 503, not a list of them
+    results: list[dict[str, Any]] = []
+    for req in body.requests:
+        try:
+            results.append({"prediction": service.predict(req).model_dump()})
+        except QaiError as err:
+            results.append(err.to_body())  # {"error": {code, message, details}}
+    return {"results": results}

@@ -1,0 +1,258 @@
+"""Predictions: the model version behind the registry alias, features computed server-side, one
+decision per request.
+
+The model is loaded once per version (verified against its signed, ledgered digest by the
+registry) and re-resolved at most every ``ALIAS_TTL_SECONDS``, so a promotion reaches a running
+service without a restart and a request never waits on MLflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from em_policy.features import (
+    CIRCUIT_FEATURES,
+    DEVICE_FEATURES,
+    OBSERVABLE_FEATURES,
+    circuit_row,
+    parse_observable,
+    parse_qasm,
+)
+from em_policy.policy import UNLIMITED_RATIO, PolicyModel
+from sdk.errors import QaiError
+
+if TYPE_CHECKING:
+    from harness.calibration import CalibrationSnapshot
+    from orchestrator.services import Services
+
+ALIAS_TTL_SECONDS = 5.0
+FEATURE_CACHE_SIZE = 4096
+REP_DELAY_SECONDS = 250e-6  # the wait between shots on IBM-style devices (their default rep_delay)
+FEATURE_INPUT = CIRCUIT_FEATURES + DEVICE_FEATURES + OBSERVABLE_FEATURES
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    qasm: str | None = Field(default=None, description="The circuit, OpenQASM 2 or 3.")
+    features: dict[str, float] | None = Field(
+        default=None, description="Precomputed features instead of qasm: every feat_*, dev_* and obs_* input.")
+    observable: dict[str, float] | None = Field(
+        default=None, description="Pauli labels (qubit 0 rightmost) to coefficients; default Z on every qubit.")
+    backend_id: str | None = Field(default=None, description="Predict for this backend's latest calibration.")
+    calibration_snapshot_id: str | None = Field(default=None, description="Or for this calibration snapshot.")
+    shots: int = Field(default=4000, description="Shots per circuit of the job.")
+    shot_budget: int = Field(description="Total shots the job may spend; at least `shots`.")
+    latency_budget_seconds: float | None = Field(default=None, description="Wall-clock limit for the executions.")
+
+
+class Alternative(BaseModel):
+    method: str
+    probability: float
+    expected_fidelity: float
+    fidelity_std: float
+    shot_multiplier: float
+    within_budget: bool
+
+
+class Prediction(BaseModel):
+    method: str
+    params: dict[str, Any]
+    shot_multiplier: float
+    expected_fidelity: float
+    confidence: float
+    model_version: str
+    calibration_snapshot_id: str
+    estimated_shots: int
+    estimated_seconds: float | None
+    alternatives: list[Alternative]
+    warnings: list[str]
+    features: dict[str, float]
+
+
+@dataclass
+class _Loaded:
+    version: str
+    model: PolicyModel
+    resolved_at: float
+
+
+class PolicyService:
+    def __init__(self, svc: Services, *, alias: str = "champion") -> None:
+        self.svc = svc
+        self.alias = alias
+        self._loaded: _Loaded | None = None
+        self._lock = threading.Lock()
+        self._snapshots: dict[str, CalibrationSnapshot] = {}
+        # Compiling a circuit for a device (the layout search) costs tens of ms; jobs resubmit the
+        # same circuits, so features are remembered per (circuit, observable, snapshot).
+        self._features: OrderedDict[tuple[str, str, str], dict[str, float]] = OrderedDict()
+
+    # --------------------------------------------------------------------------------------------- model
+
+    def model(self) -> tuple[str, PolicyModel]:
+        loaded = self._loaded
+        if loaded is not None and time.monotonic() - loaded.resolved_at < ALIAS_TTL_SECONDS:
+            return loaded.version, loaded.model
+        with self._lock:
+            from em_policy import registry
+            from em_policy.bundle import loads
+
+            mv = registry.resolve(self.svc, self.alias)
+            version = f"{mv.name}/{mv.version}"
+            if loaded is not None and loaded.version == version:
+                self._loaded = _Loaded(version, loaded.model, time.monotonic())
+            else:
+                self._loaded = _Loaded(version, loads(registry.load_bundle(self.svc, mv)), time.monotonic())
+            return self._loaded.version, self._loaded.model
+
+    # ------------------------------------------------------------------------------------------ snapshot
+
+    def snapshot(self, backend_id: str | None, snapshot_id: str | None) -> CalibrationSnapshot:
+        from harness.backends import get_backend, get_snapshot
+
+        if bool(backend_id) == bool(snapshot_id):
+            raise QaiError("em_policy.bad_request", "give exactly one of backend_id and calibration_snapshot_id",
+                           status=422)
+        if backend_id:
+            info = get_backend(self.svc.db, backend_id)  # backends.unknown_backend (404)
+            snapshot_id = info["last_calibration_id"]
+            if not snapshot_id:
+                raise QaiError("em_policy.no_calibration", f"{backend_id} has no calibration snapshot", status=409)
+        assert snapshot_id is not None
+        snap = self._snapshots.get(snapshot_id)
+        if snap is None:
+            snap = get_snapshot(self.svc.db, snapshot_id)  # calibration.unknown_snapshot (404)
+            self._snapshots[snapshot_id] = snap
+        return snap
+
+    def features(self, req: PredictRequest, snap: CalibrationSnapshot) -> dict[str, float]:
+        if req.qasm is None:
+            return request_features(req, snap)
+        key = (hashlib.sha256(req.qasm.encode()).hexdigest(), json.dumps(req.observable, sort_keys=True), snap.id)
+        with self._lock:
+            hit = self._features.get(key)
+            if hit is not None:
+                self._features.move_to_end(key)
+                return dict(hit)
+        features = request_features(req, snap)
+        with self._lock:
+            self._features[key] = dict(features)
+            while len(self._features) > FEATURE_CACHE_SIZE:
+                self._features.popitem(last=False)
+        return features
+
+    # ---------------------------------------------------------------------------------------- predicting
+
+    def predict(self, request: PredictRequest) -> Prediction:
+        return self.predict_many([request])[0]
+
+    def predict_many(self, requests: Sequence[PredictRequest]) -> list[Prediction]:
+        version, model = self.model()
+        rows: list[dict[str, float]] = []
+        ratios: list[float] = []
+        notes: list[list[str]] = []
+        contexts = []
+        for req in requests:
+            snap = self.snapshot(req.backend_id, req.calibration_snapshot_id)
+            check_snapshot(model, snap)
+            ratio = budget_ratio(req.shots, req.shot_budget)
+            features = self.features(req, snap)
+            warnings = model.range_check(features)
+            seconds_per_shot = shot_seconds(snap, features)
+            if req.latency_budget_seconds is not None:
+                if not (math.isfinite(req.latency_budget_seconds) and req.latency_budget_seconds > 0):
+                    raise QaiError("em_policy.invalid_budget", "latency_budget_seconds must be positive", status=422)
+                cap = req.latency_budget_seconds / (req.shots * seconds_per_shot)
+                if cap < 1:
+                    warnings.append(f"even the unmitigated run (about {req.shots * seconds_per_shot:.3g} s) exceeds "
+                                    "the latency budget")
+                ratio = max(1.0, min(ratio, cap))
+            rows.append(model.with_history(features, snap.id))
+            ratios.append(ratio)
+            notes.append(warnings)
+            contexts.append((req, snap, features, seconds_per_shot))
+        decisions = model.decide(rows, ratios, notes)
+        out = []
+        for d, (req, snap, features, sps) in zip(decisions, contexts, strict=True):
+            shots = math.ceil(req.shots * d.shot_multiplier)
+            out.append(Prediction(
+                method=d.method, params=method_params(d.method, model, version), shot_multiplier=d.shot_multiplier,
+                expected_fidelity=d.expected_fidelity, confidence=d.confidence, model_version=version,
+                calibration_snapshot_id=snap.id, estimated_shots=shots, estimated_seconds=shots * sps,
+                alternatives=[Alternative(**a) for a in d.alternatives], warnings=d.warnings, features=features))
+        return out
+
+
+def budget_ratio(shots: int, shot_budget: int) -> float:
+    if shots <= 0:
+        raise QaiError("em_policy.invalid_budget", f"shots must be positive, got {shots}", status=422)
+    if shot_budget < 0:
+        raise QaiError("em_policy.invalid_budget", f"shot_budget must not be negative, got {shot_budget}", status=422)
+    if shot_budget < shots:
+        raise QaiError("em_policy.invalid_budget", f"shot_budget {shot_budget} is below the job's own {shots} shots",
+                       status=422)
+    return min(shot_budget / shots, UNLIMITED_RATIO)
+
+
+def check_snapshot(model: PolicyModel, snap: CalibrationSnapshot) -> None:
+    since = datetime.fromisoformat(model.metadata["supports_snapshots_since"])
+    created = snap.created_at if snap.created_at.tzinfo else snap.created_at.replace(tzinfo=UTC)
+    if created < since:
+        raise QaiError("em_policy.snapshot_unsupported",
+                       f"calibration snapshot {snap.id} ({created.date()}) is older than this model supports "
+                       f"(from {since.date()})", status=422,
+                       details={"calibration_snapshot_id": snap.id, "supports_snapshots_since": since.isoformat()})
+
+
+def request_features(req: PredictRequest, snap: CalibrationSnapshot) -> dict[str, float]:
+    if (req.qasm is None) == (req.features is None):
+        raise QaiError("em_policy.bad_request", "give exactly one of qasm and features", status=422)
+    if req.qasm is not None:
+        circuit = parse_qasm(req.qasm)
+        op = parse_observable(req.observable, circuit.num_qubits)
+        return circuit_row(circuit, op, snap)
+    assert req.features is not None
+    missing = [k for k in FEATURE_INPUT if k not in req.features]
+    unknown = sorted(set(req.features) - set(FEATURE_INPUT) - {"obs_min", "obs_max", "obs_norm", "obs_identity"})
+    if missing or unknown:
+        raise QaiError("em_policy.bad_features", "features must hold exactly the model's inputs", status=422,
+                       details={"missing": missing, "unknown": unknown, "expected": list(FEATURE_INPUT)})
+    bad = [k for k, v in req.features.items() if not math.isfinite(float(v))]
+    if bad:
+        raise QaiError("em_policy.bad_features", f"features {bad} are not finite", status=422)
+    return {k: float(v) for k, v in req.features.items()}
+
+
+def shot_seconds(snap: CalibrationSnapshot, features: Mapping[str, float]) -> float:
+    """Wall-clock per shot: the circuit's compiled depth at the device's median 2-qubit gate time,
+    one readout and the repetition delay (an estimate; queue wait is the scheduler's business)."""
+    import statistics
+
+    durations = [v.get("duration", 0.0) for v in snap.gates.get(snap.two_qubit_gate, {}).values()]
+    gate = statistics.median(durations) if durations else 500e-9
+    readout = snap.raw_metrics.get("readout_length")
+    readout_s = statistics.median(readout) if isinstance(readout, list) and readout else 1e-6
+    return float(features["feat_transpiled_depth"]) * gate + float(readout_s) + REP_DELAY_SECONDS
+
+
+def method_params(method: str, model: PolicyModel, version: str) -> dict[str, Any]:
+    if method == "ml-qem":
+        meta = model.metadata
+        return {"model_version": version, "kind": meta["mlqem"]["kind"],
+                "amortized_training_shots": meta["amortized_training_shots"],
+                "training_shots": meta["training_shots"]}
+    from harness.methods import parse_method
+
+    return parse_method(method).parameters()

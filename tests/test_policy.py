@@ -1,0 +1,319 @@
+"""The EM policy engine on real harness data: labels, training, determinism, the bundle, ML-QEM as
+a harness method, and /v1/predict over real HTTP with every bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from em_policy.bundle import dumps, loads
+from em_policy.dataset import load
+from em_policy.evaluate import ece
+from em_policy.mlqem import MLQEM
+from em_policy.policy import BUDGET_RATIOS, TrainConfig, achieved, best_method, fit, oracle, prepare
+from harness.catalog import catalog_snapshot
+from orchestrator.app import create_app
+from orchestrator.auth import Role, issue_token
+from orchestrator.services import Services
+from sdk.errors import QaiError
+from tests.conftest import LiveServer
+from tests.policy_data import BACKENDS, CONFIG, HOLDOUT, dataset
+from tests.test_jobs import svc  # noqa: F401  (the PostgreSQL+S3 and SQLite+local fixture)
+
+SMALL = TrainConfig(seed=3, holdout_backends=HOLDOUT, ensemble=2)
+GHZ3 = """OPENQASM 3.0;
+include "stdgates.inc";
+qubit[3] q;
+bit[3] c;
+h q[0];
+cx q[0], q[1];
+cx q[1], q[2];
+c = measure q;
+"""
+
+
+@pytest.fixture(scope="session")
+def data_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return dataset(tmp_path_factory.getbasetemp().parent)
+
+
+@pytest.fixture(scope="session")
+def frame(data_path: Path) -> pd.DataFrame:
+    return load([data_path])[0]
+
+
+@pytest.fixture(scope="session")
+def fitted(frame: pd.DataFrame) -> Any:
+    return fit(frame, SMALL, dataset_sha256="test")
+
+
+# ------------------------------------------------------------------------------------------- pure parts
+
+
+def test_labels_respect_the_budget_and_break_ties_towards_the_cheaper_method() -> None:
+    fid = {"unmitigated": 0.90, "ml-qem": 0.903, "zne-linear-global": 0.95, "zne-richardson-global": 0.97}
+    mult = {"unmitigated": 1.0, "ml-qem": 1.0, "zne-linear-global": 9.0, "zne-richardson-global": 57.0}
+    assert best_method(fid, mult, 1, tie=0.005) == "unmitigated"  # ml-qem is within the tie: the cheaper wins
+    assert best_method(fid, mult, 1, tie=0.0) == "ml-qem"
+    assert best_method(fid, mult, 16, tie=0.005) == "zne-linear-global"
+    assert best_method(fid, mult, 64, tie=0.005) == "zne-richardson-global"
+    assert best_method(fid, mult, 64, tie=0.05) == "zne-linear-global"  # 0.95 ties 0.97 at 0.05: cheaper
+    assert oracle(fid, mult, 16) == 0.95
+    # a choice over budget achieves what the unmitigated run achieves
+    assert achieved("zne-richardson-global", fid, mult, 16) == 0.90
+    assert achieved("zne-linear-global", fid, mult, 16) == 0.95
+    failed = dict(fid, **{"zne-linear-global": math.nan})  # the method failed on this group
+    assert best_method(failed, mult, 16, tie=0.0) == "ml-qem"
+    assert achieved("zne-linear-global", failed, mult, 16) == 0.90
+
+
+def test_ece_of_calibrated_and_overconfident_scores() -> None:
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0, 1, 20000)
+    right = rng.uniform(0, 1, 20000) < conf
+    assert ece(conf, right)[0] < 0.02
+    assert ece(np.full(1000, 0.9), np.arange(1000) < 500)[0] == pytest.approx(0.4)
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def test_split_holds_backends_and_circuits_out(frame: pd.DataFrame) -> None:
+    prep = prepare(frame, SMALL)
+    g = prep.groups.reset_index()
+    assert set(g.loc[g["split"].isin(["holdout", "holdout_history"]), "backend_id"]) == set(HOLDOUT)
+    assert not set(g.loc[g["split"] == "train", "backend_id"]) & set(HOLDOUT)
+    train_circuits = set(g.loc[g["split"] == "train", "circuit_id"])
+    assert not train_circuits & set(g.loc[g["split"].isin(["holdout", "holdout_circuits"]), "circuit_id"])
+    assert (g["split"] == "holdout").sum() > 0 and (g["split"] == "holdout_circuits").sum() > 0
+    assert set(prep.methods) == set(CONFIG.methods) | {"ml-qem"}
+
+
+def test_mlqem_learns_the_ideal_value(frame: pd.DataFrame) -> None:
+    prep = prepare(frame, SMALL)
+    g = prep.groups.reset_index()
+    train, test = g[g["split"] == "train"], g[g["split"] == "holdout_circuits"]
+
+    def error(model: MLQEM, rows: pd.DataFrame) -> float:
+        return float(np.mean(np.abs(model.predict(rows) - rows["ideal"])))
+
+    noisy_train = float(np.mean(np.abs(train["noisy"] - train["ideal"])))
+    for kind in ("ols", "rf", "mlp"):
+        model = MLQEM(kind=kind, seed=1).fit(train)
+        pred = model.predict(test)
+        assert np.all(pred >= test["obs_min"].to_numpy() - 1e-12) and np.all(pred <= test["obs_max"].to_numpy() + 1e-12)
+        if kind in ("ols", "rf"):  # they learn the noise of the data they saw (the held-out figures: the report)
+            assert error(model, train) < 0.5 * noisy_train
+
+    # A known noise law on the real circuits' features: each value shrinks towards c0 by a factor set
+    # by the device and circuit. On circuits it never saw, the forest undoes it far better than nothing.
+    rng = np.random.default_rng(5)
+
+    def shrunk(rows: pd.DataFrame) -> pd.DataFrame:
+        out = rows.copy()
+        factor = np.clip(rows["dev_circuit_fidelity"].to_numpy(float) ** 0.7, 0.05, 1)
+        c0 = rows["obs_identity"].to_numpy(float)
+        noisy = c0 + factor * (rows["ideal"].to_numpy(float) - c0) + rng.normal(0, 0.005, len(rows))
+        out["noisy"] = np.clip(noisy, rows["obs_min"], rows["obs_max"])
+        return out
+
+    synthetic_train, synthetic_test = shrunk(train), shrunk(test)
+    forest = MLQEM(kind="rf", seed=1).fit(synthetic_train)
+    noisy_test = float(np.mean(np.abs(synthetic_test["noisy"] - synthetic_test["ideal"])))
+    assert error(forest, synthetic_test) < 0.6 * noisy_test
+    with pytest.raises(QaiError) as e:
+        MLQEM(kind="gnn")
+    assert e.value.code == "em_policy.bad_config"
+
+
+def test_training_is_deterministic_and_the_bundle_round_trips(frame: pd.DataFrame, fitted: Any) -> None:
+    again = fit(frame, SMALL, dataset_sha256="test")
+    first, second = dumps(fitted.model), dumps(again.model)
+    assert hashlib.sha256(first).hexdigest() == hashlib.sha256(second).hexdigest()
+    restored = loads(first)
+    rows = [restored.with_history(r, str(k[2])) for k, r in
+            zip(fitted.prep.groups.index[:20], fitted.prep.groups.iloc[:20].to_dict("records"), strict=True)]
+    ratios = [BUDGET_RATIOS[i % len(BUDGET_RATIOS)] for i in range(len(rows))]
+    a = fitted.model.decide(rows, ratios)
+    b = restored.decide(rows, ratios)
+    assert [dataclasses.asdict(x) for x in a] == [dataclasses.asdict(x) for x in b]
+    for d in a:
+        assert d.method in fitted.model.methods and 0 <= d.confidence <= 1 and 0 <= d.expected_fidelity <= 1
+        assert d.shot_multiplier >= 1
+    other = fit(frame, dataclasses.replace(SMALL, seed=4), dataset_sha256="test")
+    assert dumps(other.model) != first  # the seed matters: it is not ignored somewhere
+    # the chosen method always fits the budget by the regressor's own multiplier estimate
+    for d, r in zip(a, ratios, strict=True):
+        assert d.shot_multiplier <= r * (1 + 1e-9)
+
+
+def test_validation_and_metadata(fitted: Any) -> None:
+    meta = fitted.model.metadata
+    assert meta["ranker"] in ("rf", "xgb") and meta["validation"]["ranker"] == meta["ranker"]
+    assert {"rf_mean_regret", "xgb_mean_regret"} <= meta["validation"].keys()
+    assert set(meta["training_backends"]) == set(BACKENDS) - set(HOLDOUT)
+    assert meta["training_shots"] > 0 and meta["amortized_training_shots"] == meta["training_shots"] / 10_000
+    lo, hi = fitted.model.ranges["dev_2q_error"]
+    assert 0 < lo < hi < 0.2
+
+
+def test_out_of_range_features_warn_or_are_refused(fitted: Any) -> None:
+    model = fitted.model
+    row = fitted.prep.groups.iloc[0].to_dict()
+    assert model.range_check(row) == []
+    lo, hi = model.ranges["dev_2q_error"]
+    warned = model.range_check(dict(row, dev_2q_error=hi + 0.5 * (hi - lo)))
+    assert len(warned) == 1 and "dev_2q_error" in warned[0]
+    with pytest.raises(QaiError) as e:
+        model.range_check(dict(row, dev_2q_error=hi + 3 * (hi - lo)))
+    assert e.value.code == "em_policy.features_out_of_range" and e.value.status == 422
+    snap = str(fitted.prep.groups.index[0][2])
+    plain = model.decide([model.with_history(row, snap)], [64.0])[0]
+    lowered = model.decide([model.with_history(row, snap)], [64.0], [warned])[0]
+    assert lowered.confidence == pytest.approx(plain.confidence * 0.85) and lowered.warnings == warned
+
+
+# ------------------------------------------------------------------------------------ ml-qem in the harness
+
+
+def test_mlqem_is_a_harness_method(fitted: Any, tmp_path: Path) -> None:
+    from harness.run import RunConfig, build_tasks
+    from harness.tasks import local_runner, run_task
+
+    bundle = tmp_path / "policy.zip"
+    bundle.write_bytes(dumps(fitted.model))
+    with pytest.raises(QaiError) as e:
+        RunConfig(methods=("unmitigated", "ml-qem"))
+    assert e.value.code == "harness.method_unavailable"
+    config = RunConfig(families=("random",), qubits=(3,), methods=("unmitigated", "ml-qem"), shots=2000, seed=11,
+                       mlqem_bundle=str(bundle), mlqem_version="em-policy/test")
+    snap = catalog_snapshot("fake_nairobi")
+    task = build_tasks(config, [snap])[0]
+    out = run_task(task, local_runner({snap.id: snap}))
+    rows = {(r["observable"], r["method"]): r for r in out.rows}
+    for (obs, method), r in rows.items():
+        assert r["status"] == "ok", r
+        if method != "ml-qem":
+            continue
+        base = rows[(obs, "unmitigated")]
+        assert r["shot_multiplier"] == 1.0 and r["shots"] == base["shots"]  # the unmitigated executions only
+        assert r["amortized_training_shots"] == fitted.model.metadata["amortized_training_shots"]
+        expected = fitted.model.mitigate(pd.DataFrame([base]))[0]
+        assert r["mitigated"] == pytest.approx(expected, abs=1e-12)
+        assert '"model_version":"em-policy/test"' in r["parameters"]
+    bundle.write_bytes(b"changed")  # the bound model changed under the run: refused, not silently used
+    from harness.tasks import _MODELS
+
+    _MODELS.clear()
+    changed = run_task(task, local_runner({snap.id: snap}))
+    assert {r["error_code"] for r in changed.rows if r["method"] == "ml-qem"} == {"harness.model_changed"}
+
+
+# --------------------------------------------------------------------------------------- /v1/predict
+
+
+@pytest.fixture
+def trained(svc: Services, data_path: Path) -> Iterator[Services]:  # noqa: F811
+    from harness.backends import import_catalog
+
+    import_catalog(svc.db)
+    yield svc
+
+
+def _post(srv: LiveServer, path: str, body: Any, token: dict[str, str]) -> httpx.Response:
+    return httpx.post(srv.url + path, json=body, headers=token, timeout=60)
+
+
+def test_predict_over_http(trained: Services, data_path: Path, tmp_path: Path) -> None:
+    from em_policy.training import train_and_register
+
+    services = trained
+    token = {"Authorization": f"Bearer {issue_token(services.db, role=Role.AUDITOR, tenant=None).token}"}
+    with LiveServer(create_app(services)) as srv:
+        # no model yet: a clear 503, never a made-up answer
+        r = _post(srv, "/v1/predict", {"qasm": GHZ3, "backend_id": "fake_manila", "shot_budget": 40000}, token)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "em_policy.model_unavailable"
+
+        result = train_and_register([str(data_path)], SMALL, quiet=True, svc=services)
+        assert result["promoted"] and result["version"] == "em-policy/1"
+
+        good = {"qasm": GHZ3, "backend_id": "fake_nairobi", "shots": 4000, "shot_budget": 400000}
+        r = _post(srv, "/v1/predict", good, token)
+        assert r.status_code == 200, r.text
+        p = r.json()
+        assert p["method"] in result_methods(services) and p["model_version"] == "em-policy/1"
+        assert 0 <= p["confidence"] <= 1 and 0 <= p["expected_fidelity"] <= 1 and p["shot_multiplier"] >= 1
+        assert p["estimated_shots"] == math.ceil(4000 * p["shot_multiplier"]) <= 400000
+        assert {a["method"] for a in p["alternatives"]} | {p["method"]} == set(result_methods(services))
+        assert p["features"]["feat_num_qubits"] == 3 and p["features"]["feat_measurements"] == 3
+        assert p["calibration_snapshot_id"] == catalog_snapshot("fake_nairobi").id
+        if p["method"].startswith("zne-"):
+            assert p["params"]["scale_factors"]
+        # the same request twice: the same answer
+        assert _post(srv, "/v1/predict", good, token).json() == p
+        # a tight budget leaves only the 1x methods
+        tight = _post(srv, "/v1/predict", dict(good, shot_budget=4000), token).json()
+        assert tight["method"] in ("unmitigated", "ml-qem") and tight["shot_multiplier"] == 1.0
+
+        # precomputed features give the same decision as the QASM they came from
+        feats = _post(srv, "/v1/predict", {"features": p["features"], "backend_id": "fake_nairobi",
+                                           "shot_budget": 400000}, token).json()
+        assert (feats["method"], feats["confidence"]) == (p["method"], p["confidence"])
+
+        batch = _post(srv, "/v1/predict:batch", {"requests": [good, dict(good, qasm="OPENQASM 2.0; qreg")]}, token)
+        assert batch.status_code == 200
+        results = batch.json()["results"]
+        assert results[0]["prediction"]["method"] == p["method"]
+        assert results[1]["error"]["code"] == "em_policy.invalid_qasm"
+
+        old = dataclasses.replace(catalog_snapshot("fake_manila"), created_at=datetime(2015, 1, 1, tzinfo=UTC))
+        from harness.backends import import_snapshot
+
+        import_snapshot(services.db, old)
+        huge = dict(p["features"], dev_2q_error=5.0)
+        for body, status, code in (
+            (dict(good, qasm="OPENQASM 3.0; qubit[2] q; h q[5];"), 422, "em_policy.invalid_qasm"),
+            (dict(good, qasm="not qasm at all"), 422, "em_policy.invalid_qasm"),
+            (dict(good, backend_id="fake_nowhere"), 404, "backends.unknown_backend"),
+            (dict(good, shot_budget=-5), 422, "em_policy.invalid_budget"),
+            (dict(good, shot_budget=100), 422, "em_policy.invalid_budget"),
+            ({**{k: v for k, v in good.items() if k != "backend_id"}, "calibration_snapshot_id": old.id}, 422,
+             "em_policy.snapshot_unsupported"),
+            ({"features": huge, "backend_id": "fake_nairobi", "shot_budget": 400000}, 422,
+             "em_policy.features_out_of_range"),
+            ({"features": {"feat_num_qubits": 3}, "backend_id": "fake_nairobi", "shot_budget": 400000}, 422,
+             "em_policy.bad_features"),
+            (dict(good, observable={"ZZ": 1.0}), 422, "em_policy.invalid_observable"),
+            (dict(good, surprise=1), 422, "request.invalid"),
+        ):
+            r = _post(srv, "/v1/predict", body, token)
+            assert (r.status_code, r.json()["error"]["code"]) == (status, code), (body, r.text)
+        r = httpx.post(srv.url + "/v1/predict", json=good, timeout=30)
+        assert r.status_code == 401
+
+        # slightly outside the training range: answered, with the confidence lowered and a warning
+        lo, hi = loads_champion(services).ranges["dev_readout_error"]
+        edge = dict(p["features"], dev_readout_error=hi + 0.3 * (hi - lo))
+        w = _post(srv, "/v1/predict", {"features": edge, "backend_id": "fake_nairobi", "shot_budget": 400000},
+                  token).json()
+        assert any("dev_readout_error" in x for x in w["warnings"]) and w["confidence"] < 0.85
+
+
+def result_methods(services: Services) -> list[str]:
+    return list(loads_champion(services).methods)
+
+
+def loads_champion(services: Services) -> Any:
+    from em_policy import registry
+
+    return loads(registry.load_bundle(services, registry.resolve(services, "champion")))
