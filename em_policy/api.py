@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
 from em_policy.service import PolicyService, Prediction, PredictRequest
@@ -34,8 +35,15 @@ def policy_service(svc: Services) -> PolicyService:
 @router.post("/predict", response_model=Prediction,
              summary="Recommend an error-mitigation method: parameters, shot overhead, expected fidelity, confidence",
              responses={503: {"description": "no model is promoted yet (code em_policy.model_unavailable)"}})
-def predict(body: PredictRequest, svc: ServicesDep, who: PrincipalDep) -> Prediction:
-    return policy_service(svc).predict(body)
+async def predict(body: PredictRequest, svc: ServicesDep, who: PrincipalDep) -> Response:
+    # A prediction is about a millisecond of CPU once the model, snapshot and circuit are cached:
+    # it runs on the event loop (no thread hop) and its JSON is written once (no re-validation).
+    service = policy_service(svc)
+    if service.ready(body):
+        prediction = service.predict(body)
+    else:  # first use of a model, snapshot or circuit: database, object store or compilation
+        prediction = await run_in_threadpool(service.predict, body)
+    return Response(prediction.model_dump_json(), media_type="application/json")
 
 
 @router.post("/predict:batch", summary="Many predictions; one result (prediction or error) per request, in order")
@@ -48,4 +56,6 @@ def predict_batch(body: BatchRequest, svc: ServicesDep, who: PrincipalDep) -> di
             results.append({"prediction": service.predict(req).model_dump()})
         except QaiError as err:
             results.append(err.to_body())  # {"error": {code, message, details}}
+        except Exception:  # one bad item must not fail the others; details never carry internals
+            results.append(QaiError("internal.error", "this prediction failed unexpectedly", status=500).to_body())
     return {"results": results}

@@ -43,7 +43,8 @@ def dumps(model: PolicyModel) -> bytes:
     if model.ranker.kind == "rf":
         arrays.update(model.ranker.model.to_arrays("ranker"))
     else:
-        files["ranker.xgb.json"] = bytes(model.ranker.model.save_raw("json"))
+        assert model.ranker.source is not None
+        files["ranker.xgb.json"] = model.ranker.source
     arrays.update(model.mlqem.to_arrays("mlqem"))
     reg = model.regressor
     arrays.update({"reg.x_mean": reg.x_mean, "reg.x_std": reg.x_std, "reg.y_mean": reg.y_mean, "reg.y_std": reg.y_std})
@@ -88,12 +89,14 @@ def loads(data: bytes) -> PolicyModel:
         raise QaiError("em_policy.bad_bundle", f"unreadable bundle: {exc}", status=422) from None
     if doc["ranker"]["kind"] == "rf":
         ranker_model: Any = CompiledForest.from_arrays(arrays, "ranker")
-    else:
+    else:  # the booster's JSON is data; it is compiled to the same flat trees, never unpickled
         import xgboost as xgb
 
-        ranker_model = xgb.Booster()
-        ranker_model.load_model(bytearray(xgb_json or b""))
-        ranker_model.set_param({"nthread": 1})
+        from em_policy.fastpath import CompiledBooster
+
+        booster = xgb.Booster()
+        booster.load_model(bytearray(xgb_json or b""))
+        ranker_model = CompiledBooster.from_booster(booster)
     reg = doc["regressor"]
     regressor = Regressor(tuple(reg["methods"]), arrays["reg.x_mean"], arrays["reg.x_std"], arrays["reg.y_mean"],
                           arrays["reg.y_std"],
@@ -101,7 +104,7 @@ def loads(data: bytes) -> PolicyModel:
     conf = doc["confidence"]
     return PolicyModel(
         methods=tuple(doc["methods"]),
-        ranker=Ranker(doc["ranker"]["kind"], tuple(doc["ranker"]["classes"]), ranker_model),
+        ranker=Ranker(doc["ranker"]["kind"], tuple(doc["ranker"]["classes"]), ranker_model, xgb_json),
         regressor=regressor, confidence=Confidence(tuple(map(float, conf["coef"])), float(conf["intercept"]),
                                                    tuple(map(float, conf["mean"])), tuple(map(float, conf["std"]))),
         mlqem=CompiledForest.from_arrays(arrays, "mlqem"), mlqem_features=tuple(doc["mlqem_features"]),

@@ -35,8 +35,7 @@ import copy
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
-from functools import cached_property
+from dataclasses import asdict, dataclass
 from typing import Any, cast
 
 import cirq
@@ -48,7 +47,7 @@ from mitiq.zne.inference import LinearFactory, RichardsonFactory
 from mitiq.zne.scaling import fold_gates_at_random, fold_global
 from qiskit import QuantumCircuit, transpile
 
-from harness.calibration import CalibrationSnapshot
+from harness.calibration import CalibrationSnapshot, pinned
 from harness.execution import ExecutionRequest, run_local
 from harness.methods import DEFAULT_SCALE_FACTORS, parse_method
 from harness.noise import active_qubits, compact_circuit, device_target
@@ -279,27 +278,11 @@ def _barriered(circuit: QuantumCircuit) -> QuantumCircuit:
     return out
 
 
-class _PinnedSnapshot(CalibrationSnapshot):
-    """A snapshot whose content-derived id is computed once. ``CalibrationSnapshot.id`` hashes the
-    whole calibration on every access (~80 ms for a 127-qubit device) and the harness's target,
-    noise-model and execution functions read it several times per execution."""
-
-    @cached_property
-    def id(self) -> str:
-        return super().id
-
-    @classmethod
-    def of(cls, snapshot: CalibrationSnapshot) -> CalibrationSnapshot:
-        if isinstance(snapshot, cls):
-            return snapshot
-        return cls(**{f.name: getattr(snapshot, f.name) for f in fields(snapshot)})
-
-
 class SnapshotExecutor:
     """Runs the Calibrator's circuits on a snapshot's noisy simulator; counts executions and shots."""
 
     def __init__(self, snapshot: CalibrationSnapshot, *, shots: int, seed: int) -> None:
-        snapshot = _PinnedSnapshot.of(snapshot)
+        snapshot = pinned(snapshot)
         self.snapshot = snapshot
         self.shots = shots
         self.seed = seed

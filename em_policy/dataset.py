@@ -77,6 +77,12 @@ def held_out_circuit(circuit_id: str, seed: int, fraction: float) -> bool:
 
 def split(frame: pd.DataFrame, holdout_backends: Sequence[str], *, seed: int, fraction: float) -> pd.DataFrame:
     ok = frame[frame["status"] == "ok"].copy()
+    dup = ok.duplicated([*GROUP_KEY, "method"])
+    if dup.any():  # e.g. the same seed run twice on one snapshot: which copy counts would be arbitrary
+        first = ok.loc[dup, [*GROUP_KEY, "method"]].iloc[0].to_dict()
+        raise QaiError("em_policy.bad_data", f"{int(dup.sum())} rows measure a (circuit, observable, snapshot, "
+                       "method) that another row already measures: pass each harness run once", status=422,
+                       details={"first": {k: str(v) for k, v in first.items()}})
     unknown = sorted(set(holdout_backends) - set(ok["backend_id"]))
     if unknown:
         raise QaiError("em_policy.bad_config", f"held-out backends {unknown} have no rows in the data", status=422)

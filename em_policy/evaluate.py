@@ -26,6 +26,7 @@ from em_policy.policy import (
     outcomes,
     prepare,
     with_mlqem,
+    without_history,
 )
 
 RICHARDSON = "zne-richardson-global"
@@ -126,6 +127,7 @@ def evaluate(frame: pd.DataFrame, model: PolicyModel, *, model_version: str, dat
     tolerance = config.right_tolerance
     res = outcomes(model, prep, hist, holdout, tolerance=tolerance, check_ranges=True)
     res_circ = outcomes(model, prep, hist, holdout_circuits, tolerance=tolerance, check_ranges=True)
+    res_new = outcomes(model, prep, without_history(hist), holdout, tolerance=tolerance, check_ranges=True)
     err, points = ece(res["confidence"].to_numpy(float), res["right"].to_numpy(bool))
     # the same decisions without the out-of-range lowering: how calibrated the confidence itself is
     plain = outcomes(model, prep, hist, holdout, tolerance=tolerance)
@@ -144,6 +146,13 @@ def evaluate(frame: pd.DataFrame, model: PolicyModel, *, model_version: str, dat
         "ece_unlowered": ece(plain_circ["confidence"].to_numpy(float), plain_circ["right"].to_numpy(bool))[0],
         "over_budget": float(res_circ["over_budget"].mean()), "right": float(res_circ["right"].mean()),
         "warned": float(res_circ["warned"].mean()), "selection_shots": 0.0}]
+    policy_rows.append({
+        "strategy": "policy, no history (new snapshots)", "set": "holdout",
+        "mean_regret": float(res_new["regret"].mean()),
+        "expected_fidelity_mae": float((res_new["expected_fidelity"] - res_new["observed_fidelity"]).abs().mean()),
+        "ece": ece(res_new["confidence"].to_numpy(float), res_new["right"].to_numpy(bool))[0],
+        "over_budget": float(res_new["over_budget"].mean()), "right": float(res_new["right"].mean()),
+        "warned": float(res_new["warned"].mean()), "selection_shots": 0.0})
     for method in (UNMITIGATED, RICHARDSON, ML_QEM):
         if method in prep.methods:
             policy_rows.append({"strategy": f"always {method}", "set": "holdout",
@@ -270,7 +279,9 @@ def report(ev: Evaluation, *, command: str, figures_dir: str) -> str:
         "",
         "## Data and split",
         "",
-        f"Held-out backends (never trained on, in any way): {', '.join(c.holdout_backends)}. Held-out circuits: "
+        f"Held-out backends (no model is trained on them; their training circuits feed only the history "
+        f"features, as a backend's past nightly runs would): {', '.join(c.holdout_backends)}. The row "
+        "*policy, no history* blanks even that: a calibration snapshot nothing has run on. Held-out circuits: "
         f"{c.holdout_circuit_fraction:.0%} of circuit ids, by a seeded hash. Groups (circuit × observable × "
         "snapshot):",
         "",

@@ -708,3 +708,75 @@ class CompiledMLP:
             classes=np.asarray(arrays[classes_key]) if classes_key in arrays else None,
             label_type=_get_str(arrays, prefix, "label_type") if _key(prefix, "label_type") in arrays else None,
         )
+
+
+# ------------------------------------------------------------------------------------------------ XGBoost
+
+
+@dataclass(frozen=True, eq=False)
+class CompiledBooster:
+    """An XGBoost ``multi:softprob`` booster as one forest of K-column leaves: a tree adds its leaf
+    weight to its own class's column; probabilities are the softmax of the base margins plus the sum.
+
+    XGBoost sends ``x < split`` (in float32) left; the forest sends ``float32(x) <= threshold`` left,
+    so each split becomes the next float32 below it: the same test. Sums are in float64 where XGBoost
+    accumulates in float32, so probabilities agree to about 1e-6 (tests check it, and the argmax).
+    """
+
+    forest: CompiledForest
+    base_margin: FloatArray
+
+    @classmethod
+    def from_booster(cls, booster: Any) -> CompiledBooster:
+        import json
+
+        model = json.loads(bytes(booster.save_raw("json")))["learner"]
+        if model["objective"]["name"] != "multi:softprob":
+            raise TypeError(f"only multi:softprob boosters compile, got {model['objective']['name']}")
+        params = model["learner_model_param"]
+        k, n_features = int(params["num_class"]), int(params["num_feature"])
+        scores = np.asarray(json.loads(params["base_score"]), dtype=np.float64).reshape(-1)
+        base: FloatArray = np.repeat(scores, k) if scores.shape[0] == 1 else scores
+        gbm = model["gradient_booster"]["model"]
+        feature, threshold, left, right, mgl, values, roots = [], [], [], [], [], [], []
+        offset, depth = 0, 0
+        for tree, cls_ in zip(gbm["trees"], gbm["tree_info"], strict=True):
+            lc = np.asarray(tree["left_children"], dtype=np.int64)
+            rc = np.asarray(tree["right_children"], dtype=np.int64)
+            leaf = lc == -1
+            split = np.asarray(tree["split_conditions"], dtype=np.float32)
+            below = np.nextafter(split, np.float32(-np.inf)).astype(np.float64)
+            value = np.zeros((lc.shape[0], k))
+            value[leaf, int(cls_)] = split[leaf].astype(np.float64)  # a leaf's weight sits in split_conditions
+            roots.append(offset)
+            feature.append(np.where(leaf, -2, np.asarray(tree["split_indices"], dtype=np.int64)))
+            threshold.append(np.where(leaf, -2.0, below))
+            left.append(np.where(leaf, -1, lc + offset))
+            right.append(np.where(leaf, -1, rc + offset))
+            mgl.append(np.asarray(tree["default_left"], dtype=bool))
+            values.append(value)
+            depth = max(depth, _tree_depth(lc, rc))
+            offset += lc.shape[0]
+        forest = CompiledForest(kind="regressor", classes=None, n_features=n_features,
+                                feature=np.concatenate(feature).astype(np.int32),
+                                threshold=np.concatenate(threshold), left=np.concatenate(left).astype(np.int32),
+                                right=np.concatenate(right).astype(np.int32), missing_go_to_left=np.concatenate(mgl),
+                                value=np.vstack(values), roots=np.asarray(roots, dtype=np.int32), max_depth=depth)
+        return cls(forest, base)
+
+    def predict_proba(self, X: Any) -> FloatArray:
+        margin = self.forest._mean_value(X) * self.forest.n_trees + self.base_margin
+        margin -= margin.max(axis=1, keepdims=True)
+        e = np.exp(margin)
+        out: FloatArray = e / e.sum(axis=1, keepdims=True)
+        return out
+
+
+def _tree_depth(left: npt.NDArray[np.int64], right: npt.NDArray[np.int64]) -> int:
+    depth, frontier = 0, np.array([0])
+    while True:
+        inner = frontier[left[frontier] != -1]
+        if inner.size == 0:
+            return depth
+        frontier = np.concatenate((left[inner], right[inner]))
+        depth += 1

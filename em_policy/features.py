@@ -132,11 +132,11 @@ def parse_qasm(text: str) -> QuantumCircuit:
 
     if len(text.encode()) > MAX_QASM_BYTES:
         raise QaiError("em_policy.invalid_qasm", f"the circuit is larger than {MAX_QASM_BYTES} bytes", status=413)
-    head = text.lstrip()
+    head = _without_leading_comments(text)
     try:
         if head.startswith("OPENQASM 2"):
             circuit = qasm2.loads(text, custom_instructions=qasm2.LEGACY_CUSTOM_INSTRUCTIONS)
-        elif head.startswith("OPENQASM 3") or head.startswith("OPENQASM"):
+        elif head.startswith("OPENQASM"):
             circuit = qasm3.loads(text)
         else:
             raise QaiError("em_policy.invalid_qasm", "the circuit must start with an OPENQASM 2 or 3 header",
@@ -154,17 +154,37 @@ def parse_qasm(text: str) -> QuantumCircuit:
     return circuit
 
 
+def _without_leading_comments(text: str) -> str:
+    """The text from its first statement on: ``//`` and ``/* */`` comments may precede the header."""
+    rest = text.lstrip()
+    while rest.startswith(("//", "/*")):
+        end = rest.find("\n") if rest.startswith("//") else rest.find("*/")
+        if end < 0:
+            return ""
+        rest = rest[end + (1 if rest.startswith("//") else 2):].lstrip()
+    return rest
+
+
+MAX_COEFFICIENT = 1e6
+
+
 def parse_observable(observable: Mapping[str, float] | None, num_qubits: int) -> SparsePauliOp:
     """Pauli labels (qubit 0 rightmost, Qiskit's order) to coefficients; default Z⊗…⊗Z (parity)."""
     from qiskit.quantum_info import SparsePauliOp
 
+    if observable is not None and not observable:
+        raise QaiError("em_policy.invalid_observable", "the observable has no terms (omit it for Z on every qubit)",
+                       status=422)
     terms = dict(observable) if observable else {"Z" * num_qubits: 1.0}
+    if len(terms) > 4**MAX_QUBITS:
+        raise QaiError("em_policy.invalid_observable", "too many Pauli terms", status=422)
     for label, coeff in terms.items():
         if len(label) != num_qubits or set(label) - set("IXYZ"):
             raise QaiError("em_policy.invalid_observable", f"Pauli label {label!r} is not {num_qubits} of I, X, Y, Z",
                            status=422)
-        if not math.isfinite(float(coeff)):
-            raise QaiError("em_policy.invalid_observable", f"coefficient of {label} is not finite", status=422)
+        if not (math.isfinite(float(coeff)) and abs(float(coeff)) <= MAX_COEFFICIENT):
+            raise QaiError("em_policy.invalid_observable",
+                           f"coefficient of {label} must be finite and at most {MAX_COEFFICIENT:g} in size", status=422)
     op = SparsePauliOp.from_list(sorted(terms.items())).simplify()
     if all(set(p.to_label()) <= {"I"} for p in op.paulis):
         raise QaiError("em_policy.invalid_observable", "the observable is a multiple of the identity", status=422)
@@ -177,9 +197,17 @@ def unitary_part(circuit: QuantumCircuit) -> QuantumCircuit:
     from qiskit import QuantumCircuit
 
     out = QuantumCircuit(circuit.num_qubits)
+    measured: set[int] = set()
     for inst in circuit.data:
-        if inst.operation.name in ("measure", "barrier"):
+        qubits = {circuit.find_bit(q).index for q in inst.qubits}
+        if inst.operation.name == "measure":
+            measured |= qubits
             continue
+        if inst.operation.name == "barrier":
+            continue
+        if qubits & measured:
+            raise QaiError("em_policy.invalid_qasm", f"{inst.operation.name!r} acts on a qubit after its measurement "
+                           "(mid-circuit measurement is not supported)", status=422)
         if inst.clbits or inst.operation.name in ("reset", "delay") or getattr(inst.operation, "condition", None):
             raise QaiError("em_policy.invalid_qasm", f"unsupported instruction {inst.operation.name!r} (mid-circuit "
                            "classical control or reset)", status=422)

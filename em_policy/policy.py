@@ -132,15 +132,11 @@ def achieved(method: str, fidelity: Mapping[str, float], multiplier: Mapping[str
 class Ranker:
     kind: str  # rf | xgb
     classes: tuple[str, ...]
-    model: Any  # CompiledForest (rf) or xgboost.Booster (xgb)
+    model: Any  # CompiledForest (rf) or CompiledBooster (xgb): both predict_proba like their library
+    source: bytes | None = None  # xgb: the booster's own JSON, kept in the bundle
 
     def proba(self, x: Array) -> Array:
-        if self.kind == "rf":
-            return np.asarray(self.model.predict_proba(x))
-        p = np.asarray(self.model.inplace_predict(x), dtype=np.float64)
-        if p.ndim == 1:  # binary:logistic gives P(class 1)
-            p = np.stack([1 - p, p], axis=1)
-        return p
+        return np.asarray(self.model.predict_proba(x), dtype=np.float64)
 
 
 @dataclass
@@ -237,7 +233,8 @@ class PolicyModel:
             if not math.isfinite(value) or value < lo - width or value > hi + width:
                 raise QaiError("em_policy.features_out_of_range",
                                f"{name} = {value:g} is far outside the training range [{lo:g}, {hi:g}]", status=422,
-                               details={"feature": name, "value": value, "min": lo, "max": hi})
+                               details={"feature": name, "value": value if math.isfinite(value) else str(value),
+                                        "min": lo, "max": hi})
             if value < lo or value > hi:
                 warnings.append(f"{name} = {value:.4g} is outside the training range [{lo:.4g}, {hi:.4g}]")
         return warnings
@@ -247,8 +244,10 @@ class PolicyModel:
         return {**row, "hist_unmitigated_fidelity": u, "hist_best_fidelity": b, "hist_count": float(n)}
 
     def decide(self, rows: Sequence[Mapping[str, float]], ratios: Sequence[float],
-               warnings: Sequence[Sequence[str]] | None = None) -> list[Decision]:
-        """``rows`` carry POLICY_FEATURES except the budget; ``ratios`` = shot budget / shots."""
+               warnings: Sequence[Sequence[str]] | None = None, out_of_range: Sequence[bool] | None = None
+               ) -> list[Decision]:
+        """``rows`` carry POLICY_FEATURES except the budget; ``ratios`` = shot budget / shots;
+        ``out_of_range`` lowers the confidence of those rows (their ``warnings`` say why)."""
         x = matrix(rows, POLICY_FEATURES[:-1])
         x = np.column_stack([x, [budget_feature(r) for r in ratios]])
         proba = self.ranker.proba(x)
@@ -264,8 +263,11 @@ class PolicyModel:
             j = max(ok, key=lambda j: (p_all[i, j], fid[i, j], -cost_rank(self.methods[j])))
             conf = float(self.confidence(p_all[i, j:j + 1], spread[i, j:j + 1], x[i:i + 1])[0])
             notes = list(warnings[i]) if warnings else []
-            if notes:
+            if out_of_range is not None and out_of_range[i]:
                 conf *= OUT_OF_RANGE_CONFIDENCE
+            if float(rows[i]["hist_count"]) == 0:
+                notes.append("no history for this calibration snapshot: the decision rests on the circuit and "
+                             "device features alone")
             alternatives: list[dict[str, Any]] = sorted(({
                 "method": m, "probability": float(p_all[i, k]), "expected_fidelity": float(fid[i, k]),
                 "fidelity_std": float(spread[i, k]), "shot_multiplier": float(mult[i, k]),
@@ -359,6 +361,17 @@ def history_features(prep: Prepared, history: History) -> pd.DataFrame:
     return pd.DataFrame(out, index=prep.groups.index, columns=list(HISTORY_FEATURES))
 
 
+def without_history(hist: pd.DataFrame) -> pd.DataFrame:
+    """The history features of a snapshot nothing has been measured on yet (a new calibration)."""
+    from em_policy.features import MISSING_HISTORY
+
+    out = hist.copy()
+    out["hist_unmitigated_fidelity"] = MISSING_HISTORY
+    out["hist_best_fidelity"] = MISSING_HISTORY
+    out["hist_count"] = 0.0
+    return out
+
+
 def design(prep: Prepared, hist: pd.DataFrame, mask: pd.Series, ratios: Sequence[float]
            ) -> tuple[Array, list[tuple[Any, float]]]:
     """Ranker rows: every selected group at every budget ratio."""
@@ -393,12 +406,16 @@ def fit_ranker(kind: str, x: Array, y: Sequence[str], seed: int) -> Ranker:
         return Ranker("rf", tuple(classes[int(c)] for c in rf.classes_), forest)
     import xgboost as xgb
 
-    if len(classes) == 1:
-        raise QaiError("em_policy.not_enough_data", "every training label is the same method", status=422)
+    from em_policy.fastpath import CompiledBooster
+
+    if len(classes) < 3:  # softprob needs three classes; with two, the forest is the ranker
+        raise QaiError("em_policy.not_enough_data", f"XGBoost ranking needs 3+ distinct labels, got {classes}",
+                       status=422)
     clf = xgb.XGBClassifier(n_estimators=200, max_depth=5, learning_rate=0.1, subsample=0.8, colsample_bytree=0.8,
-                            random_state=seed, n_jobs=1, tree_method="hist")
+                            random_state=seed, n_jobs=1, tree_method="hist", objective="multi:softprob")
     clf.fit(x, np.array([classes.index(v) for v in y]))
-    return Ranker("xgb", classes, clf.get_booster())
+    booster = clf.get_booster()
+    return Ranker("xgb", classes, CompiledBooster.from_booster(booster), bytes(booster.save_raw("json")))
 
 
 def fit_regressor(prep: Prepared, x: Array, keys: Sequence[Any], config: TrainConfig) -> Regressor:
@@ -454,11 +471,17 @@ class Fitted:
 
 def _fit_parts(prep: Prepared, hist: pd.DataFrame, mask: pd.Series, kind: str, config: TrainConfig,
                labels: Mapping[tuple[Any, float], str]) -> tuple[Ranker, Regressor]:
-    x, index = design(prep, hist, mask, BUDGET_RATIOS)
-    ranker = fit_ranker(kind, x, [labels[i] for i in index], config.seed)
+    """Every group twice: with its history and without (every new calibration snapshot starts with
+    none, and the models must have seen that case)."""
+    x_h, index = design(prep, hist, mask, BUDGET_RATIOS)
+    x_0, _ = design(prep, without_history(hist), mask, BUDGET_RATIOS)
+    x = np.vstack([x_h, x_0])
+    ranker = fit_ranker(kind, x, [labels[i] for i in index] * 2, config.seed)
     last = [i for i, (_, r) in enumerate(index) if r == BUDGET_RATIOS[-1]]
     keys = [index[i][0] for i in last]
-    return ranker, fit_regressor(prep, x[last][:, :-1], keys, config)  # the regressor does not see the budget
+    # the regressor does not see the budget
+    xr = np.vstack([x_h[last][:, :-1], x_0[last][:, :-1]])
+    return ranker, fit_regressor(prep, xr, keys * 2, config)
 
 
 def _shell(prep: Prepared, ranker: Ranker, regressor: Regressor, history: History,
@@ -477,7 +500,7 @@ def outcomes(model: PolicyModel, prep: Prepared, hist: pd.DataFrame, mask: pd.Se
     base = pd.concat([prep.groups.loc[mask], hist.loc[mask]], axis=1)
     records = base.to_dict("records")
     keys = list(base.index)
-    rows, budgets, notes, refused = [], [], [], []
+    rows, budgets, notes, refused, outside = [], [], [], [], []
     for rec in records:
         try:
             warn = model.range_check(rec) if check_ranges else []
@@ -489,7 +512,8 @@ def outcomes(model: PolicyModel, prep: Prepared, hist: pd.DataFrame, mask: pd.Se
             budgets.append(float(r))
             notes.append(warn)
             refused.append(far)
-    decisions = model.decide(rows, budgets, notes)
+            outside.append(bool(warn))
+    decisions = model.decide(rows, budgets, notes, outside)
     out = []
     i = 0
     for k in keys:
@@ -506,7 +530,7 @@ def outcomes(model: PolicyModel, prep: Prepared, hist: pd.DataFrame, mask: pd.Se
                         "label": best_method(fid, mult, r, 0.0), "oracle": best, "achieved": got,
                         "regret": best - got, "expected_fidelity": d.expected_fidelity,
                         "observed_fidelity": fid.get(d.method, math.nan), "confidence": d.confidence,
-                        "right": best - got <= tolerance, "over_budget": over, "warned": bool(d.warnings),
+                        "right": best - got <= tolerance, "over_budget": over, "warned": outside[i - 1],
                         "refused": refused[i - 1]})
     return pd.DataFrame(out)
 
@@ -552,13 +576,14 @@ def fit(frame: pd.DataFrame, config: TrainConfig, *, dataset_sha256: str = "") -
             fit_mask = train & (prep.groups["backend_id"] != b)
             val_mask = train & (prep.groups["backend_id"] == b)
             ranker, regressor = _fit_parts(prep, hist, fit_mask, kind, config, labels)
-            p, s, x, right, res = _raw_scores(_shell(prep, ranker, regressor, history), prep, hist, val_mask,
-                                              config.right_tolerance)
-            ps.append(p)
-            ss.append(s)
-            xs.append(x)
-            rs.append(right)
-            regrets.append(res["regret"].to_numpy())
+            shell = _shell(prep, ranker, regressor, history)
+            for h in (hist, without_history(hist)):
+                p, s, x, right, res = _raw_scores(shell, prep, h, val_mask, config.right_tolerance)
+                ps.append(p)
+                ss.append(s)
+                xs.append(x)
+                rs.append(right)
+                regrets.append(res["regret"].to_numpy())
         scores[kind] = (np.concatenate(ps), np.concatenate(ss), np.vstack(xs), np.concatenate(rs))
         validation[f"{kind}_mean_regret"] = float(np.concatenate(regrets).mean())
     kind = min(config.rankers, key=lambda k: (validation[f"{k}_mean_regret"], k))

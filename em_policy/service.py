@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 ALIAS_TTL_SECONDS = 5.0
 FEATURE_CACHE_SIZE = 4096
+MAX_SHOTS = 10**9  # per circuit; larger budgets than MAX_SHOTS x UNLIMITED_RATIO are refused, not overflowed
 REP_DELAY_SECONDS = 250e-6  # the wait between shots on IBM-style devices (their default rep_delay)
 FEATURE_INPUT = CIRCUIT_FEATURES + DEVICE_FEATURES + OBSERVABLE_FEATURES
 
@@ -93,8 +94,11 @@ class PolicyService:
         self.svc = svc
         self.alias = alias
         self._loaded: _Loaded | None = None
-        self._lock = threading.Lock()
+        self._model_lock = threading.Lock()
+        self._refreshing = threading.Lock()  # held while a background refresh runs
+        self._lock = threading.Lock()  # the caches
         self._snapshots: dict[str, CalibrationSnapshot] = {}
+        self._latest: dict[str, tuple[str, float]] = {}  # backend -> (latest snapshot id, when read)
         # Compiling a circuit for a device (the layout search) costs tens of ms; jobs resubmit the
         # same circuits, so features are remembered per (circuit, observable, snapshot).
         self._features: OrderedDict[tuple[str, str, str], dict[str, float]] = OrderedDict()
@@ -105,11 +109,38 @@ class PolicyService:
         loaded = self._loaded
         if loaded is not None and time.monotonic() - loaded.resolved_at < ALIAS_TTL_SECONDS:
             return loaded.version, loaded.model
-        with self._lock:
+        if loaded is not None:
+            # a model is loaded: ask the registry in the background (about 10 ms of MLflow, more to
+            # load a new version) and answer with the loaded one meanwhile
+            if self._refreshing.acquire(blocking=False):
+                threading.Thread(target=self._refresh, daemon=True, name="em-policy-refresh").start()
+            return loaded.version, loaded.model
+        return self._resolve()
+
+    def _refresh(self) -> None:
+        try:
+            self._resolve()
+        except QaiError:
+            pass  # the next request after the TTL tries again; until then the loaded model serves
+        finally:
+            self._refreshing.release()
+
+    def _resolve(self) -> tuple[str, PolicyModel]:
+        with self._model_lock:
+            loaded = self._loaded  # another thread may have refreshed it while this one waited
+            if loaded is not None and time.monotonic() - loaded.resolved_at < ALIAS_TTL_SECONDS:
+                return loaded.version, loaded.model
             from em_policy import registry
             from em_policy.bundle import loads
 
-            mv = registry.resolve(self.svc, self.alias)
+            try:
+                mv = registry.resolve(self.svc, self.alias)
+            except QaiError as err:
+                if loaded is not None and err.code == "em_policy.registry_error":
+                    # the registry is down: keep serving the verified model, ask again after the TTL
+                    self._loaded = _Loaded(loaded.version, loaded.model, time.monotonic())
+                    return loaded.version, loaded.model
+                raise
             version = f"{mv.name}/{mv.version}"
             if loaded is not None and loaded.version == version:
                 self._loaded = _Loaded(version, loaded.model, time.monotonic())
@@ -117,30 +148,55 @@ class PolicyService:
                 self._loaded = _Loaded(version, loads(registry.load_bundle(self.svc, mv)), time.monotonic())
             return self._loaded.version, self._loaded.model
 
+    def ready(self, req: PredictRequest) -> bool:
+        """Whether ``req`` can be answered from memory alone (no DB, MLflow or compilation): a model is
+        loaded (refreshes run in the background), the snapshot is known and so is the circuit."""
+        if self._loaded is None:
+            return False
+        if req.backend_id is not None:
+            latest = self._latest.get(req.backend_id)
+            snapshot_id = latest[0] if latest and time.monotonic() - latest[1] < ALIAS_TTL_SECONDS else None
+        else:
+            snapshot_id = req.calibration_snapshot_id
+        if snapshot_id is None or snapshot_id not in self._snapshots:
+            return False
+        return req.qasm is None or self._feature_key(req, snapshot_id) in self._features
+
     # ------------------------------------------------------------------------------------------ snapshot
 
     def snapshot(self, backend_id: str | None, snapshot_id: str | None) -> CalibrationSnapshot:
-        from harness.backends import get_backend, get_snapshot
+        from harness.backends import get_snapshot, latest_snapshot_id
+        from harness.calibration import pinned
 
         if bool(backend_id) == bool(snapshot_id):
             raise QaiError("em_policy.bad_request", "give exactly one of backend_id and calibration_snapshot_id",
                            status=422)
         if backend_id:
-            info = get_backend(self.svc.db, backend_id)  # backends.unknown_backend (404)
-            snapshot_id = info["last_calibration_id"]
-            if not snapshot_id:
-                raise QaiError("em_policy.no_calibration", f"{backend_id} has no calibration snapshot", status=409)
+            latest = self._latest.get(backend_id)
+            if latest is not None and time.monotonic() - latest[1] < ALIAS_TTL_SECONDS:
+                snapshot_id = latest[0]
+            else:
+                snapshot_id = latest_snapshot_id(self.svc.db, backend_id)  # backends.unknown_backend (404)
+                if not snapshot_id:
+                    raise QaiError("em_policy.no_calibration", f"{backend_id} has no calibration snapshot",
+                                   status=409)
+                self._latest[backend_id] = (snapshot_id, time.monotonic())
         assert snapshot_id is not None
         snap = self._snapshots.get(snapshot_id)
         if snap is None:
-            snap = get_snapshot(self.svc.db, snapshot_id)  # calibration.unknown_snapshot (404)
+            snap = pinned(get_snapshot(self.svc.db, snapshot_id))  # calibration.not_found (404)
             self._snapshots[snapshot_id] = snap
         return snap
 
+    @staticmethod
+    def _feature_key(req: PredictRequest, snapshot_id: str) -> tuple[str, str, str]:
+        return (hashlib.sha256((req.qasm or "").encode()).hexdigest(), json.dumps(req.observable, sort_keys=True),
+                snapshot_id)
+
     def features(self, req: PredictRequest, snap: CalibrationSnapshot) -> dict[str, float]:
-        if req.qasm is None:
-            return request_features(req, snap)
-        key = (hashlib.sha256(req.qasm.encode()).hexdigest(), json.dumps(req.observable, sort_keys=True), snap.id)
+        if req.qasm is None or req.features is not None:
+            return request_features(req, snap)  # checks that exactly one is given
+        key = self._feature_key(req, snap.id)
         with self._lock:
             hit = self._features.get(key)
             if hit is not None:
@@ -163,16 +219,21 @@ class PolicyService:
         rows: list[dict[str, float]] = []
         ratios: list[float] = []
         notes: list[list[str]] = []
+        outside: list[bool] = []
         contexts = []
         for req in requests:
             snap = self.snapshot(req.backend_id, req.calibration_snapshot_id)
             check_snapshot(model, snap)
             ratio = budget_ratio(req.shots, req.shot_budget)
             features = self.features(req, snap)
+            if features["feat_num_qubits"] > snap.num_qubits:
+                raise QaiError("em_policy.circuit_too_large", f"{features['feat_num_qubits']:g} qubits do not fit "
+                               f"{snap.backend_id} ({snap.num_qubits})", status=422)
             warnings = model.range_check(features)
+            outside.append(bool(warnings))
             seconds_per_shot = shot_seconds(snap, features)
             if req.latency_budget_seconds is not None:
-                if not (math.isfinite(req.latency_budget_seconds) and req.latency_budget_seconds > 0):
+                if not (math.isfinite(req.latency_budget_seconds) and 0 < req.latency_budget_seconds <= 1e9):
                     raise QaiError("em_policy.invalid_budget", "latency_budget_seconds must be positive", status=422)
                 cap = req.latency_budget_seconds / (req.shots * seconds_per_shot)
                 if cap < 1:
@@ -183,7 +244,7 @@ class PolicyService:
             ratios.append(ratio)
             notes.append(warnings)
             contexts.append((req, snap, features, seconds_per_shot))
-        decisions = model.decide(rows, ratios, notes)
+        decisions = model.decide(rows, ratios, notes, outside)
         out = []
         for d, (req, snap, features, sps) in zip(decisions, contexts, strict=True):
             shots = math.ceil(req.shots * d.shot_multiplier)
@@ -196,8 +257,11 @@ class PolicyService:
 
 
 def budget_ratio(shots: int, shot_budget: int) -> float:
-    if shots <= 0:
-        raise QaiError("em_policy.invalid_budget", f"shots must be positive, got {shots}", status=422)
+    if not 0 < shots <= MAX_SHOTS:
+        raise QaiError("em_policy.invalid_budget", f"shots must be within 1..{MAX_SHOTS}, got {shots}", status=422)
+    if shot_budget > MAX_SHOTS * UNLIMITED_RATIO:
+        raise QaiError("em_policy.invalid_budget", f"shot_budget must be at most {MAX_SHOTS * UNLIMITED_RATIO:.0f}",
+                       status=422)
     if shot_budget < 0:
         raise QaiError("em_policy.invalid_budget", f"shot_budget must not be negative, got {shot_budget}", status=422)
     if shot_budget < shots:

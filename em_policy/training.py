@@ -20,9 +20,13 @@ if TYPE_CHECKING:
 FEATURE_SET_PREFIX = "em-policy/model_features"
 
 
-def feature_tables(fitted: Fitted, dataset_sha256: str) -> list[tuple[str, bytes]]:
+def feature_tables(fitted: Fitted, dataset_sha256: str, config: TrainConfig) -> list[tuple[str, bytes]]:
     """The ``model_features`` set: one Parquet file per calibration snapshot (every group measured
-    on it, its features, history and per-method fidelity), versioned by snapshot id and dataset."""
+    on it, its features, history and per-method fidelity), versioned by snapshot id, dataset and
+    training configuration (the split, history and ML-QEM columns depend on it)."""
+    from sdk.canonical import canonical_json
+
+    version = f"{dataset_sha256[:16]}-{hashlib.sha256(canonical_json(config.to_json())).hexdigest()[:12]}"
     import io
 
     import pyarrow as pa
@@ -42,7 +46,7 @@ def feature_tables(fitted: Fitted, dataset_sha256: str) -> list[tuple[str, bytes
         table = pa.Table.from_pandas(part.sort_values(["circuit_id", "observable"]), preserve_index=False)
         pq.write_table(table, buf, compression="zstd")
         # object keys take no "@": the snapshot id keeps its backend and time, joined by "_"
-        out.append((f"{FEATURE_SET_PREFIX}/{str(snap).replace('@', '_')}/{dataset_sha256[:16]}.parquet",
+        out.append((f"{FEATURE_SET_PREFIX}/{str(snap).replace('@', '_')}/{version}.parquet",
                     buf.getvalue()))
     return out
 
@@ -72,7 +76,7 @@ def train_and_register(data: Sequence[str], config: TrainConfig, *, register: bo
         from orchestrator.services import get_services
 
         svc = get_services()
-    for path, blob in feature_tables(fitted, dataset_sha256):
+    for path, blob in feature_tables(fitted, dataset_sha256, config):
         try:
             svc.objects.put(path, blob)
         except QaiError as err:

@@ -120,6 +120,18 @@ def get_backend(db: Database, backend_id: str) -> dict[str, Any]:
             "latest_calibration": summary(latest) if latest is not None else None}
 
 
+def latest_snapshot_id(db: Database, backend_id: str) -> str | None:
+    """The id of a backend's latest calibration (``None`` before its first), one indexed read:
+    for callers that ask often and hold snapshots by id themselves."""
+    with db.read() as session:
+        row = session.execute(select(BackendRow.last_calibration_id).where(BackendRow.backend_id == backend_id)
+                              ).first()
+    if row is None:
+        raise QaiError("backends.unknown_backend", f"backend {backend_id!r} is not registered", status=404,
+                       details={"backend_id": backend_id})
+    return None if row[0] is None else str(row[0])
+
+
 def get_snapshot(db: Database, snapshot_id: str) -> CalibrationSnapshot:
     """A stored snapshot, rebuilt from its row; ``calibration.id_mismatch`` if the row was changed."""
     with db.read() as session:

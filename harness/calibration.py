@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any
 
 from sdk.canonical import canonical_json
@@ -175,3 +176,19 @@ def scaled(snap: CalibrationSnapshot, *, gate_error: float = 1.0, two_qubit_erro
     return CalibrationSnapshot(backend_id=f"{snap.backend_id}~{hashlib.sha256(tag.encode()).hexdigest()[:6]}",
                                created_at=snap.created_at, num_qubits=snap.num_qubits,
                                basis_gates=snap.basis_gates, gates=gates, readout_errors=ro, raw_metrics=metrics)
+
+
+class PinnedSnapshot(CalibrationSnapshot):
+    """A snapshot whose content-derived id is computed once. ``CalibrationSnapshot.id`` hashes the
+    whole calibration on every access (tens of ms for a 127-qubit device); code that reads it per
+    request or per execution holds a pinned copy. Its content must not be changed afterwards."""
+
+    @cached_property
+    def id(self) -> str:
+        return super().id
+
+
+def pinned(snapshot: CalibrationSnapshot) -> CalibrationSnapshot:
+    if isinstance(snapshot, PinnedSnapshot):
+        return snapshot
+    return PinnedSnapshot(**{f.name: getattr(snapshot, f.name) for f in fields(snapshot)})

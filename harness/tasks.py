@@ -214,8 +214,12 @@ def mlqem_value(method: Method, row: Mapping[str, Any]) -> tuple[float, float]:
     key = (method.source, digest)
     model = _MODELS.get(key)
     if model is None:
-        with open(method.source, "rb") as f:
-            data = f.read()
+        try:
+            with open(method.source, "rb") as f:
+                data = f.read()
+        except OSError as exc:  # e.g. a Dask worker on another host: the bundle file is not there
+            raise QaiError("harness.method_unavailable", f"cannot read the ml-qem bundle {method.source}: {exc}",
+                           status=422) from None
         if hashlib.sha256(data).hexdigest() != digest:
             raise QaiError("harness.model_changed", f"{method.source} no longer has sha256 {digest}", status=409)
         model = _MODELS[key] = loads(data)

@@ -88,6 +88,12 @@ def test_ece_of_calibrated_and_overconfident_scores() -> None:
 # ------------------------------------------------------------------------------------------- training
 
 
+def test_the_same_run_twice_is_refused(frame: pd.DataFrame) -> None:
+    with pytest.raises(QaiError) as e:
+        prepare(pd.concat([frame, frame.iloc[:3]], ignore_index=True), SMALL)
+    assert e.value.code == "em_policy.bad_data" and e.value.status == 422
+
+
 def test_split_holds_backends_and_circuits_out(frame: pd.DataFrame) -> None:
     prep = prepare(frame, SMALL)
     g = prep.groups.reset_index()
@@ -179,8 +185,10 @@ def test_out_of_range_features_warn_or_are_refused(fitted: Any) -> None:
     assert e.value.code == "em_policy.features_out_of_range" and e.value.status == 422
     snap = str(fitted.prep.groups.index[0][2])
     plain = model.decide([model.with_history(row, snap)], [64.0])[0]
-    lowered = model.decide([model.with_history(row, snap)], [64.0], [warned])[0]
+    lowered = model.decide([model.with_history(row, snap)], [64.0], [warned], [True])[0]
     assert lowered.confidence == pytest.approx(plain.confidence * 0.85) and lowered.warnings == warned
+    noted = model.decide([model.with_history(row, snap)], [64.0], [["latency"]], [False])[0]
+    assert noted.confidence == plain.confidence  # only the training range lowers it
 
 
 # ------------------------------------------------------------------------------------ ml-qem in the harness
@@ -294,12 +302,32 @@ def test_predict_over_http(trained: Services, data_path: Path, tmp_path: Path) -
             ({"features": {"feat_num_qubits": 3}, "backend_id": "fake_nairobi", "shot_budget": 400000}, 422,
              "em_policy.bad_features"),
             (dict(good, observable={"ZZ": 1.0}), 422, "em_policy.invalid_observable"),
+            (dict(good, observable={}), 422, "em_policy.invalid_observable"),
+            (dict(good, observable={"ZZI": 1e308, "ZIZ": 1e308}), 422, "em_policy.invalid_observable"),
+            (dict(good, shot_budget=10**400), 422, "em_policy.invalid_budget"),
+            (dict(good, shots=10**400, shot_budget=10**400), 422, "em_policy.invalid_budget"),
+            (dict(good, latency_budget_seconds=-1.0), 422, "em_policy.invalid_budget"),
+            (dict(good, qasm=GHZ3 + "h q[0];\n"), 422, "em_policy.invalid_qasm"),  # a gate after measurement
+            (dict(good, features=p["features"]), 422, "em_policy.bad_request"),  # both, though the QASM is cached
+            ({**{k: v for k, v in good.items() if k != "backend_id"}, "calibration_snapshot_id": "fake_x@1"}, 404,
+             "calibration.not_found"),
+            (dict(good, backend_id="fake_manila", qasm=GHZ3.replace("[3]", "[7]")), 422,
+             "em_policy.circuit_too_large"),
             (dict(good, surprise=1), 422, "request.invalid"),
         ):
             r = _post(srv, "/v1/predict", body, token)
             assert (r.status_code, r.json()["error"]["code"]) == (status, code), (body, r.text)
         r = httpx.post(srv.url + "/v1/predict", json=good, timeout=30)
         assert r.status_code == 401
+        commented = _post(srv, "/v1/predict", dict(good, qasm="// a GHZ state\n/* three qubits */\n" + GHZ3), token)
+        assert commented.json()["method"] == p["method"]  # comments may precede the header
+
+        # a calibration nothing has run on yet: answered, with the missing history said
+        fresh = dataclasses.replace(catalog_snapshot("fake_nairobi"), created_at=datetime(2026, 11, 1, tzinfo=UTC))
+        import_snapshot(services.db, fresh)
+        new = _post(srv, "/v1/predict", {**{k: v for k, v in good.items() if k != "backend_id"},
+                                         "calibration_snapshot_id": fresh.id}, token).json()
+        assert any("no history" in w for w in new["warnings"]) and 0 <= new["expected_fidelity"] <= 1
 
         # slightly outside the training range: answered, with the confidence lowered and a warning
         lo, hi = loads_champion(services).ranges["dev_readout_error"]

@@ -20,7 +20,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor, ExtraTreeRegressor
 
-from em_policy.fastpath import CompiledForest, CompiledMLP
+from em_policy.fastpath import CompiledBooster, CompiledForest, CompiledMLP
 
 N_FEATURES = 5
 Arr = npt.NDArray[Any]
@@ -442,3 +442,25 @@ def test_from_arrays_rejects_damaged_models() -> None:
         dataclasses.replace(model, kind="classifier")
     with pytest.raises(ValueError):
         CompiledMLP.from_arrays(arrays, "m")
+
+
+def test_xgboost_booster_compiles_to_the_same_probabilities() -> None:
+    import xgboost as xgb
+
+    rng = np.random.default_rng(21)
+    x = rng.normal(size=(600, 7)).astype(np.float64)
+    x[:, 3] = np.round(x[:, 3], 1)  # repeated values: splits land exactly on data points
+    y = (x[:, 0] > 0).astype(int) + (x[:, 3] > 0.2).astype(int) + (x[:, 5] > 1).astype(int)
+    x[rng.uniform(size=x.shape) < 0.02] = np.nan  # XGBoost's default directions for missing values
+    clf = xgb.XGBClassifier(n_estimators=60, max_depth=4, random_state=0, n_jobs=1, objective="multi:softprob")
+    clf.fit(x, y)
+    booster = clf.get_booster()
+    compiled = CompiledBooster.from_booster(booster)
+    probe = np.vstack([x, rng.normal(size=(300, 7)), np.nextafter(x[:50], np.inf)])
+    expected = booster.inplace_predict(probe)
+    got = compiled.predict_proba(probe)
+    assert got.shape == expected.shape == (len(probe), 4)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=5e-6)  # XGBoost sums in float32
+    assert np.array_equal(got.argmax(axis=1), expected.argmax(axis=1))
+    with pytest.raises(TypeError):
+        CompiledBooster.from_booster(xgb.XGBRegressor(n_estimators=2).fit(x[:, :2], y).get_booster())
