@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := softhsm2 opensc
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup system-packages services demo test lint typecheck bench bench-kms bench-ledger bench-ingest bench-harness bench-nightly clean
+.PHONY: setup system-packages services demo test lint typecheck bench bench-kms bench-ledger bench-ingest bench-harness bench-nightly bench-policy clean
 
 setup: system-packages $(STAMP)
 
@@ -59,7 +59,7 @@ lint:
 typecheck:
 	$(VENV)/bin/mypy
 
-bench: bench-kms bench-ledger bench-ingest bench-harness bench-nightly
+bench: bench-kms bench-ledger bench-ingest bench-harness bench-nightly bench-policy
 
 bench-kms: setup services
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }
@@ -75,6 +75,13 @@ bench-harness: setup
 	$(PY) bench/harness_bench.py
 
 # The nightly harness workload on its own embedded default (.qai-nightly), timed.
+# The EM policy's serving speed. Needs the training data of docs/em-policy.md (made here if missing,
+# about 20 min on 2 cores); trains a policy first unless POLICY_BUNDLE names one.
+POLICY_DATA ?= .qai/policy-data/train.parquet
+bench-policy: setup
+	[ -f $(POLICY_DATA) ] || $(VENV)/bin/qai harness run --circuits-per-family 4 --no-store --out $(POLICY_DATA)
+	$(PY) bench/policy_bench.py --data $(POLICY_DATA) $(if $(POLICY_BUNDLE),--bundle $(POLICY_BUNDLE))
+
 bench-nightly: setup
 	rm -rf .qai-nightly
 	time QAI_HOME=.qai-nightly $(VENV)/bin/qai harness run --out .qai-nightly/out

@@ -725,6 +725,23 @@ class CompiledBooster:
 
     forest: CompiledForest
     base_margin: FloatArray
+    tree_class: IntArray  # the class each tree's leaves add to (XGBoost's tree_info)
+    _tree_class: FloatArray = field(init=False, repr=False)
+    _walk: tuple[AnyArray, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        f = self.forest
+        table = np.zeros((f.n_trees, f.value.shape[1]))
+        table[np.arange(f.n_trees), np.asarray(self.tree_class)] = 1.0
+        object.__setattr__(self, "_tree_class", table)
+        # Boosted trees are shallow and all of similar depth: walking every tree one level per step,
+        # leaves pointing to themselves, is cheaper here than the forest's general traversal.
+        leaf = f.left == -1
+        idx = np.arange(leaf.shape[0])
+        walk = (np.where(leaf, 0, f.feature).astype(np.intp), np.where(leaf, np.inf, f.threshold),
+                np.where(leaf, idx, f.left).astype(np.intp), np.where(leaf, idx, f.right).astype(np.intp),
+                f.missing_go_to_left, f.value.sum(axis=1))
+        object.__setattr__(self, "_walk", walk)
 
     @classmethod
     def from_booster(cls, booster: Any) -> CompiledBooster:
@@ -762,10 +779,21 @@ class CompiledBooster:
                                 threshold=np.concatenate(threshold), left=np.concatenate(left).astype(np.int32),
                                 right=np.concatenate(right).astype(np.int32), missing_go_to_left=np.concatenate(mgl),
                                 value=np.vstack(values), roots=np.asarray(roots, dtype=np.int32), max_depth=depth)
-        return cls(forest, base)
+        return cls(forest, base, np.asarray(gbm["tree_info"], dtype=np.int32))
 
     def predict_proba(self, X: Any) -> FloatArray:
-        margin = self.forest._mean_value(X) * self.forest.n_trees + self.base_margin
+        x, has_nan = self.forest._check_X(X)  # float32 values, as the forest compares them
+        feature, threshold, left, right, default_left, leaf_value = self._walk
+        rows = np.arange(x.shape[0])[:, None]
+        node = np.broadcast_to(self.forest.roots.astype(np.intp), (x.shape[0], self.forest.n_trees))
+        for _ in range(self.forest.max_depth):
+            value = x[rows, feature[node]]
+            go_right = value > threshold[node]
+            if has_nan:
+                go_right = np.where(np.isnan(value), ~default_left[node], go_right)
+            node = np.where(go_right, right[node], left[node])
+        # each tree adds its leaf's weight to its own class: one product with the trees' class one-hot
+        margin = leaf_value[node] @ self._tree_class + self.base_margin
         margin -= margin.max(axis=1, keepdims=True)
         e = np.exp(margin)
         out: FloatArray = e / e.sum(axis=1, keepdims=True)

@@ -150,12 +150,33 @@ class Regressor:
     y_mean: Array
     y_std: Array
     members: list[Any]  # CompiledMLP
+    _stacked: list[tuple[Array, Array]] = field(init=False, repr=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        # The members share one architecture (ReLU hidden layers, identity output): their weights
+        # stacked, the ensemble is one batched matrix product per layer instead of one per member.
+        first = self.members[0]
+        if all(m.activation == "relu" and m.out_activation == "identity" and len(m.coefs) == len(first.coefs)
+               for m in self.members):
+            self._stacked = [(np.stack([m.coefs[i] for m in self.members]),
+                              np.stack([m.intercepts[i] for m in self.members])[:, None, :])
+                             for i in range(len(first.coefs))]
+
+    def _forward(self, z: Array) -> Array:
+        """Every member's outputs, (members, rows, outputs)."""
+        if not self._stacked:
+            return np.stack([np.asarray(m.predict(z)).reshape(len(z), -1) for m in self.members])
+        h = z
+        for i, (w, b) in enumerate(self._stacked):
+            h = np.matmul(h, w) + b
+            if i < len(self._stacked) - 1:
+                np.maximum(h, 0.0, out=h)
+        return h
 
     def predict(self, x: Array) -> tuple[Array, Array, Array]:
         """(fidelity mean, fidelity std, shot multiplier) per row and method."""
         z = (x - self.x_mean) / self.x_std
-        outs = np.stack([np.asarray(m.predict(z)).reshape(len(x), -1) * self.y_std + self.y_mean
-                         for m in self.members])
+        outs = self._forward(z) * self.y_std + self.y_mean
         k = len(self.methods)
         fid = np.clip(outs[:, :, :k], 0.0, 1.0)
         mult = np.exp(outs[:, :, k:].mean(axis=0))

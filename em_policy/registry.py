@@ -571,7 +571,7 @@ def champion_file(svc: Services, alias: str = DEFAULT_ALIAS, name: str = MODEL_N
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{mv.sha256}.zip"
     if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != mv.sha256:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        from harness.service import write_atomically
+
+        write_atomically(str(path), data)
     return str(path), f"{mv.name}/{mv.version}"

@@ -70,6 +70,10 @@ def create_app(services: Services | None = None, components: Sequence[str] = COM
             app.state.services.ledger.start()
         if "jobs" in components:
             app.state.services.uploader.start()
+        if "em-policy" in components:
+            from em_policy.api import warm_up
+
+            warm_up(app.state.services)
         yield
 
     app = FastAPI(
