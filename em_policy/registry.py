@@ -250,13 +250,10 @@ def bundle_path(sha256: str) -> str:
 
 def model_key(svc: Services) -> str:
     """The system tenant's key that signs model statements, created on first use."""
-    from orchestrator.ledger import system_key
+    from orchestrator.ledger import system_signing_key
 
-    key = system_key(svc.db, svc.kms, MODEL_KEY, suite=svc.settings.ledger_suite, subject="em-policy")
-    if key.tenant != SYSTEM_TENANT or key.purpose != "signing":
-        raise QaiError("em_policy.bad_key", f"key {MODEL_KEY} belongs to tenant {key.tenant}; it must be a "
-                       f"signing key of tenant {SYSTEM_TENANT}", status=500)
-    return MODEL_KEY
+    return system_signing_key(svc.db, svc.kms, MODEL_KEY, suite=svc.settings.ledger_suite, subject="em-policy",
+                              error_code="em_policy.bad_key")
 
 
 def _sign(svc: Services, key: str, statement: dict[str, Any]) -> tuple[str, bytes]:

@@ -123,13 +123,10 @@ def new_run_id(now: datetime) -> str:
 
 def harness_key(svc: Services) -> str:
     """The system tenant's key that signs dataset manifests, created on first use."""
-    from orchestrator.ledger import system_key
+    from orchestrator.ledger import system_signing_key
 
-    key = system_key(svc.db, svc.kms, HARNESS_KEY, suite=svc.settings.ledger_suite, subject="harness")
-    if key.tenant != SYSTEM_TENANT or key.purpose != "signing":
-        raise QaiError("harness.bad_key", f"key {HARNESS_KEY} belongs to tenant {key.tenant}; it must be a "
-                       f"signing key of tenant {SYSTEM_TENANT}", status=500)
-    return HARNESS_KEY
+    return system_signing_key(svc.db, svc.kms, HARNESS_KEY, suite=svc.settings.ledger_suite, subject="harness",
+                              error_code="harness.bad_key")
 
 
 def ensure_catalog_rows(svc: Services, snapshots: Sequence[CalibrationSnapshot]) -> None:

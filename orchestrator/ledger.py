@@ -127,6 +127,16 @@ def system_key(db: Database, kms: KMS, name: str, *, suite: str, subject: str) -
         return kms.public_key(name)
 
 
+def system_signing_key(db: Database, kms: KMS, name: str, *, suite: str, subject: str, error_code: str) -> str:
+    """``system_key`` for the platform's own statements (dataset manifests, model versions): the key
+    named ``name`` must be a signing key of the system tenant, or ``error_code`` (500)."""
+    key = system_key(db, kms, name, suite=suite, subject=subject)
+    if key.tenant != SYSTEM_TENANT or key.purpose != "signing":
+        raise QaiError(error_code, f"key {name} belongs to tenant {key.tenant}; it must be a signing key of tenant "
+                       f"{SYSTEM_TENANT}", status=500)
+    return name
+
+
 @dataclass(frozen=True)
 class LedgerConfig:
     origin: str = "qai.local/ledger"
