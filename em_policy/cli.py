@@ -183,7 +183,7 @@ def promote_cmd(
 
 @policy_app.command("list")
 def list_cmd(as_json: JsonFlag = False) -> None:
-    """Registered model versions, with their aliases and validation figures."""
+    """Registered model versions, with their aliases, digests and ledger indexes."""
     from em_policy import registry
     from orchestrator.cli import cli_errors, services
 
