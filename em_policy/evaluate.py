@@ -229,11 +229,7 @@ def plots(ev: Evaluation, directory: Path) -> dict[str, str]:
     ax.set_ylim(0, 1)
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title("Reliability diagram")
-    fig.tight_layout()
-    path = directory / "reliability.png"
-    fig.savefig(path, dpi=110, metadata={"Software": None})
-    plt.close(fig)
-    out["reliability"] = path.name
+    out["reliability"] = _save(fig, directory / "reliability.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     t = ev.mlqem_table
@@ -246,12 +242,18 @@ def plots(ev: Evaluation, directory: Path) -> dict[str, str]:
     ax.set_xlabel("shots at the unmitigated precision (log)")
     ax.set_ylabel("mean |mitigated − ideal|")
     ax.set_title("Accuracy vs cost, held-out circuits on held-out backends")
+    out["accuracy_vs_cost"] = _save(fig, directory / "accuracy-vs-cost.png")
+    return out
+
+
+def _save(fig: Any, path: Path) -> str:
+    """PNG without the software-version stamp, so equal figures give equal files."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    path = directory / "accuracy-vs-cost.png"
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
-    out["accuracy_vs_cost"] = path.name
-    return out
+    return path.name
 
 
 def _md(frame: pd.DataFrame, floats: str = "{:.4f}") -> str:

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from harness.catalog import catalog_snapshot
-from harness.run import RunConfig, build_tasks, run_tasks, sorted_rows, to_parquet
+from harness.run import AdapterConfig, RunConfig, build_tasks, run_tasks, sorted_rows, to_parquet
 
 BACKENDS = ("fake_manila", "fake_nairobi", "fake_guadalupe", "fake_kolkata")
 HOLDOUT = ("fake_nairobi",)
@@ -25,14 +25,9 @@ def dataset(shared_dir: Path) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.exists():
             tasks = build_tasks(CONFIG, [catalog_snapshot(b) for b in BACKENDS])
-            rows = sorted_rows(run_tasks(tasks, _adapter(), workers=2))
+            rows = sorted_rows(run_tasks(tasks, AdapterConfig(), workers=2))
             tmp = path.with_suffix(".tmp")
             tmp.write_bytes(to_parquet(rows))
             tmp.replace(path)
     return path
 
-
-def _adapter():  # type: ignore[no-untyped-def]
-    from harness.run import AdapterConfig
-
-    return AdapterConfig()
