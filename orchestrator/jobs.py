@@ -298,7 +298,9 @@ class Jobs:
         if row is None or not principal.can_read(row.tenant):
             raise QaiError("job.not_found", f"no job {job_id}", status=404, details={"job_id": job_id})
         data = row.envelope if row.envelope is not None else self.objects.get(row.s3_path)
-        return {**self._summary(row), "envelope": json.loads(data)}
+        stored = {"location": f"{self.objects.location.rstrip('/')}/{row.s3_path}",
+                  **(self.objects.retention(row.s3_path) if row.uploaded_at is not None else {"mode": "outbox"})}
+        return {**self._summary(row), "storage": stored, "envelope": json.loads(data)}
 
     def list(self, principal: Principal, *, tenant: str | None = None, status: str | None = None,
              since: datetime | None = None, limit: int = 100, cursor: str | None = None) -> dict[str, Any]:

@@ -5,6 +5,11 @@ Two backends behind one small interface: a local directory (the embedded default
 the caller says ``overwrite=True`` (only "latest" pointers do): writing different bytes to an
 existing key is ``object.exists``, writing the same bytes again is a no-op, so a retried ingest is
 idempotent and nothing can silently replace a ledgered envelope.
+
+On an S3 bucket created with Object Lock, every write-once object also gets COMPLIANCE retention:
+then not even the bucket's owner can delete or overwrite that version before the retention date,
+which is what an auditor needs from the store of record (write-once here is only our own code's
+promise; Object Lock is the store's).
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import ctypes
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from orchestrator.settings import Settings
@@ -45,6 +52,7 @@ class ObjectStore(Protocol):
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str = "") -> list[str]: ...
     def ping(self) -> None: ...
+    def retention(self, key: str) -> dict[str, Any]: ...
     @property
     def location(self) -> str: ...
 
@@ -168,6 +176,12 @@ class LocalObjectStore:
                 if p.is_file() and not p.name.startswith(".tmp-")]
         return sorted(k for k in keys if k.startswith(prefix))
 
+    def retention(self, key: str) -> dict[str, Any]:
+        """How ``key`` is protected: by this store's refusal to overwrite, nothing stronger."""
+        if not self.exists(key):
+            raise _not_found(key)
+        return {"mode": "write-once"}
+
     def ping(self) -> None:
         if not os.access(self.root, os.W_OK):
             raise QaiError("object.unreachable", "object store directory is not writable", status=503)
@@ -175,12 +189,41 @@ class LocalObjectStore:
 
 class S3ObjectStore:
     """S3 or MinIO. Write-once uses ``If-None-Match: *`` (conditional PUT), so it holds across
-    processes; a store that ignores the header still gets the read-then-compare check."""
+    processes; a store that ignores the header still gets the read-then-compare check. When the
+    bucket has Object Lock enabled, write-once objects are put with COMPLIANCE retention for
+    ``retention_days``; "latest" pointers (``overwrite=True``) are not, since each overwrite
+    would leave another locked version behind."""
 
-    def __init__(self, client: Any, bucket: str, prefix: str = "") -> None:
+    def __init__(self, client: Any, bucket: str, prefix: str = "", *, retention_days: int = 3650) -> None:
+        if retention_days < 1:
+            raise QaiError("object.bad_retention", "S3 Object Lock retention must be at least one day",
+                           details={"retention_days": retention_days})
         self.client = client
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.retention_days = retention_days
+        self._locked: bool | None = None  # learnt from the bucket on first use
+        self._lock = threading.Lock()
+
+    @property
+    def object_lock(self) -> bool:
+        """Whether the bucket has Object Lock enabled. Asked once; a bucket cannot turn it off."""
+        if self._locked is None:
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            with self._lock:
+                if self._locked is None:
+                    try:
+                        config = self.client.get_object_lock_configuration(Bucket=self.bucket)
+                        enabled = config.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
+                    except ClientError as exc:
+                        if exc.response.get("Error", {}).get("Code") != "ObjectLockConfigurationNotFoundError":
+                            raise self._error(exc, "") from exc
+                        enabled = False
+                    except BotoCoreError as exc:
+                        raise self._error(exc, "") from exc
+                    self._locked = enabled
+        return self._locked
 
     @property
     def location(self) -> str:
@@ -206,6 +249,9 @@ class S3ObjectStore:
                     return
                 raise _exists_error(key)
             args["IfNoneMatch"] = "*"
+            if self.object_lock:
+                args["ObjectLockMode"] = "COMPLIANCE"
+                args["ObjectLockRetainUntilDate"] = datetime.now(UTC) + timedelta(days=self.retention_days)
         try:
             self.client.put_object(**args)
         except ClientError as exc:
@@ -242,6 +288,19 @@ class S3ObjectStore:
         except BotoCoreError as exc:
             raise self._error(exc, key) from exc
 
+    def retention(self, key: str) -> dict[str, Any]:
+        """The store's own protection of ``key``, as S3 reports it (HEAD), not as we asked for it."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, key) from exc
+        if head.get("ObjectLockMode"):
+            return {"mode": "write-once", "object_lock": head["ObjectLockMode"],
+                    "retain_until": head["ObjectLockRetainUntilDate"].astimezone(UTC).isoformat()}
+        return {"mode": "write-once"}
+
     def list(self, prefix: str = "") -> list[str]:
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -277,4 +336,5 @@ def make_object_store(settings: Settings) -> ObjectStore:
         aws_secret_access_key=(settings.s3_secret_access_key.get_secret_value()
                                if settings.s3_secret_access_key else None),
     )
-    return S3ObjectStore(client, settings.s3_bucket, settings.s3_prefix)
+    return S3ObjectStore(client, settings.s3_bucket, settings.s3_prefix,
+                         retention_days=settings.s3_object_lock_days)

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     s3_access_key_id: SecretStr | None = None
     s3_secret_access_key: SecretStr | None = None
     s3_prefix: str = ""
+    s3_object_lock_days: int = Field(
+        default=3650, ge=1,
+        description="COMPLIANCE retention (days) given to write-once objects when the bucket has Object Lock.")
     redis_url: str | None = None
     mlflow_tracking_uri: str | None = Field(
         default=None, description="MLflow tracking/registry URI; default: SQLite under home/mlflow.")

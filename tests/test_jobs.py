@@ -23,6 +23,7 @@ from orchestrator.app import create_app
 from orchestrator.auth import Principal, Role, create_tenant, issue_token
 from orchestrator.db import Database
 from orchestrator.jobs import ManifestRow
+from orchestrator.objects import S3ObjectStore
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 from sdk.audit import ServerSource, audit
@@ -42,7 +43,7 @@ def svc(request: pytest.FixtureRequest, settings: Settings, tmp_path: Path) -> I
         endpoint = request.getfixturevalue("s3_endpoint")
         bucket = f"jobs-{uuid.uuid4().hex[:12]}"
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="t",
-                     aws_secret_access_key="t").create_bucket(Bucket=bucket)
+                     aws_secret_access_key="t").create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
         settings = settings.model_copy(update={"s3_bucket": bucket, "s3_endpoint_url": endpoint,
                                                "s3_access_key_id": SecretStr("t"),
                                                "s3_secret_access_key": SecretStr("t")})
@@ -96,7 +97,13 @@ def test_submit_get_list_upload_and_audit(svc: Services) -> None:
         assert len(stored) == 12
         with svc.db.read() as s:
             assert s.scalar(select(func.count()).where(ManifestRow.envelope.is_not(None))) == 0
-        assert c.get(f"/v1/jobs/{uuid.UUID(int=3)}").json()["uploaded"] is True
+        job = c.get(f"/v1/jobs/{uuid.UUID(int=3)}").json()
+        assert job["uploaded"] is True and job["storage"]["location"].endswith(job["s3_path"])
+        if isinstance(svc.objects, S3ObjectStore):  # the bucket has Object Lock: the store itself holds it
+            assert job["storage"]["object_lock"] == "COMPLIANCE"
+            assert datetime.fromisoformat(job["storage"]["retain_until"]) > datetime.now(UTC) + timedelta(days=3000)
+        else:
+            assert job["storage"] == {"location": job["storage"]["location"], "mode": "write-once"}
         svc.ledger.checkpoint()
         with Client(srv.url, auditor) as a:
             report = audit(ServerSource(a), trusted_keys={k.name: k for k in a.list_keys()}, workers=1)

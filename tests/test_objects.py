@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 from pydantic import SecretStr
 
 from orchestrator.db import Database
@@ -19,10 +22,13 @@ from sdk.errors import QaiError
 from tests.ledger_helpers import ledger_services, signed_envelopes
 
 
-def _s3_settings(base: Settings, endpoint: str, bucket: str) -> Settings:
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test",
-                          aws_secret_access_key="test")
-    client.create_bucket(Bucket=bucket)
+def _s3_client(endpoint: str) -> Any:
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test",
+                        aws_secret_access_key="test")
+
+
+def _s3_settings(base: Settings, endpoint: str, bucket: str, *, object_lock: bool = False) -> Settings:
+    _s3_client(endpoint).create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=object_lock)
     return base.model_copy(update={"s3_bucket": bucket, "s3_endpoint_url": endpoint, "s3_prefix": "qai",
                                    "s3_access_key_id": SecretStr("test"),
                                    "s3_secret_access_key": SecretStr("test")})
@@ -98,6 +104,38 @@ def test_missing_objects(store: ObjectStore) -> None:
     with pytest.raises(QaiError) as err:
         store.get("no/such")
     assert err.value.code == "object.not_found" and err.value.status == 404
+
+
+def test_object_lock_bucket_gets_compliance_retention(settings: Settings, s3_endpoint: str,
+                                                      tmp_path: Path) -> None:
+    """On a bucket with Object Lock, write-once objects carry COMPLIANCE retention, so S3 itself
+    refuses to delete the version, even for the account that wrote it; pointers stay unlocked."""
+    name = f"lock-{tmp_path.name[-20:].lower().replace('_', '-')}"
+    store = make_object_store(_s3_settings(settings, s3_endpoint, name, object_lock=True).model_copy(
+        update={"s3_object_lock_days": 30}))
+    assert isinstance(store, S3ObjectStore) and store.object_lock
+    store.put("manifests/ab/cd", b"envelope")
+    store.put("ledger/checkpoint", b"1", overwrite=True)
+    store.put("ledger/checkpoint", b"2", overwrite=True)
+    held = store.retention("manifests/ab/cd")
+    assert held["object_lock"] == "COMPLIANCE"
+    until = datetime.fromisoformat(held["retain_until"])
+    assert timedelta(days=29) < until - datetime.now(UTC) <= timedelta(days=30)
+    assert store.retention("ledger/checkpoint") == {"mode": "write-once"}
+    client = _s3_client(s3_endpoint)
+    version = client.head_object(Bucket=name, Key="qai/manifests/ab/cd")["VersionId"]
+    with pytest.raises(ClientError) as err:
+        client.delete_object(Bucket=name, Key="qai/manifests/ab/cd", VersionId=version)
+    assert err.value.response["Error"]["Code"] == "AccessDenied"
+    assert store.get("manifests/ab/cd") == b"envelope" and store.get("ledger/checkpoint") == b"2"
+    # a plain bucket: write-once by our conditional PUT only, and nothing claims more
+    plain = make_object_store(_s3_settings(settings, s3_endpoint, name.replace("lock-", "plain-")))
+    assert isinstance(plain, S3ObjectStore) and not plain.object_lock
+    plain.put("manifests/ab/cd", b"envelope")
+    assert plain.retention("manifests/ab/cd") == {"mode": "write-once"}
+    with pytest.raises(QaiError) as bad:
+        S3ObjectStore(client, name, retention_days=0)
+    assert bad.value.code == "object.bad_retention"
 
 
 def test_unreachable_s3_is_a_503(settings: Settings) -> None:
