@@ -20,8 +20,8 @@ import re
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 from orchestrator.settings import Settings
