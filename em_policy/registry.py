@@ -34,6 +34,7 @@ value, e.g. a param name) and ``em_policy.registry_error`` (503; any other MLflo
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -156,9 +157,24 @@ def _client(settings: Settings) -> MlflowClient:
     _quiet_mlflow()  # mlflow's import configured its logger at INFO
     uri = tracking_uri(settings)
     db = _sqlite_file(uri)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if db is None or uri in _INITIALISED:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    # MLflow creates and migrates a SQLite store when a process first opens it; two processes doing
+    # so at once (the workers of `qai serve --workers 2` on a fresh home) race on its alembic_version
+    # row and one dies. One opener at a time, across processes.
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.parent / ".open.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # opens (and migrates) the tracking store
+            client.search_registered_models(max_results=1)  # …and the registry's, which opens lazily
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _INITIALISED.add(uri)
+    return client
+
+
+_INITIALISED: set[str] = set()  # SQLite tracking URIs this process has opened (and so migrated)
 
 
 def _registry_error(exc: MlflowException, what: str) -> QaiError:

@@ -262,3 +262,23 @@ def test_failed_registration_ledgers_nothing(svc: Services, mlflow_client: Any) 
     assert e.value.code.startswith("kms.")
     assert [m.version for m in mlflow_client.search_model_versions(f"name='{MODEL_NAME}'")] == [1]
     assert list_versions(svc) == [v1] and svc.ledger.size() == start + 1
+
+
+def _open_registry(home: str) -> int:
+    """In a fresh process: open the default (SQLite) MLflow store and count its registered models."""
+    from em_policy.registry import _client
+
+    return len(_client(Settings(home=Path(home))).search_registered_models())
+
+
+def test_processes_opening_a_fresh_registry_at_once_all_succeed(tmp_path: Path) -> None:
+    """`qai serve --workers 2` on a fresh home: every worker opens (and so creates and migrates)
+    the MLflow SQLite store at start-up; none may lose the race on its schema version."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(3, mp_context=multiprocessing.get_context("spawn")) as pool:
+        counts = list(pool.map(_open_registry, [str(tmp_path / ".qai")] * 3))
+    assert counts == [0, 0, 0]
+    with sqlite3.connect(tmp_path / ".qai" / "mlflow" / "mlflow.db") as conn:
+        assert conn.execute("SELECT count(*) FROM alembic_version").fetchone() == (1,)
