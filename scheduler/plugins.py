@@ -1,0 +1,149 @@
+"""The built-in filter and score plugins, and discovery of others through the entry-point group
+``qai.scheduler.plugins`` (each entry point names a :class:`scheduler.engine.Plugin`).
+
+Every filter says why it rejects, in words an operator can act on. Backend records are the
+scheduler's inputs (see ``scheduler.service.gather``): the catalog entry, its latest calibration
+snapshot id, its status, its expected queue wait and the EM policy's prediction for the job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from importlib.metadata import entry_points
+from typing import Any
+
+from scheduler.engine import CRYPTO_RANK, Plugin
+from sdk.errors import QaiError
+
+ENTRY_POINT_GROUP = "qai.scheduler.plugins"
+J = Mapping[str, Any]
+
+
+def crypto_mode(job: J, backend: J, policy: J, config: J) -> str | None:
+    """The backend's link must carry the job's crypto mode, or a stronger one, and at least the
+    tenant's minimum."""
+    need = max(CRYPTO_RANK[job["crypto_mode"]], CRYPTO_RANK.get(policy.get("min_crypto_mode") or "classical", 0))
+    modes = backend["capabilities"].get("crypto_modes", [])
+    if not any(CRYPTO_RANK[m] >= need for m in modes):
+        wanted = next(m for m, r in CRYPTO_RANK.items() if r == need)
+        return f"supports crypto modes {modes}; the job needs {wanted}"
+    return None
+
+
+def capability(job: J, backend: J, policy: J, config: J) -> str | None:
+    caps = backend["capabilities"]
+    if job["num_qubits"] > caps["num_qubits"]:
+        return f"has {caps['num_qubits']} qubits; the circuit uses {job['num_qubits']}"
+    if job["shots"] > caps["max_shots"]:
+        return f"runs at most {caps['max_shots']} shots per circuit; the job asks {job['shots']}"
+    return None
+
+
+def qkd(job: J, backend: J, policy: J, config: J) -> str | None:
+    if policy.get("qkd", "excluded") == "required" and not backend["capabilities"].get("qkd", False):
+        return "has no QKD link; the tenant's policy requires one"
+    return None
+
+
+def allow_list(job: J, backend: J, policy: J, config: J) -> str | None:
+    allowed = policy.get("allowed_backends")
+    if allowed and backend["backend_id"] not in allowed:
+        return "is not on the tenant's allowed backend list"
+    if job.get("backend_id") and job["backend_id"] != backend["backend_id"]:
+        return f"the manifest names backend {job['backend_id']}"
+    return None
+
+
+def status(job: J, backend: J, policy: J, config: J) -> str | None:
+    if backend["status"] != "online":
+        return f"is {backend['status']}"
+    if not backend.get("calibration_snapshot_id"):
+        return "has no calibration snapshot"
+    return None
+
+
+def prediction(job: J, backend: J, policy: J, config: J) -> str | None:
+    """The EM policy must have a prediction for the backend (the circuit compiled for it)."""
+    error = backend.get("prediction_error")
+    return None if error is None else f"the EM policy could not predict for it ({error['code']}: {error['message']})"
+
+
+def sla(job: J, backend: J, policy: J, config: J) -> str | None:
+    """Expected queue wait plus execution time against the job's remaining time."""
+    limit = job.get("deadline_seconds")
+    if limit is None:
+        return None
+    seconds = _completion_seconds(backend)
+    if seconds > limit:
+        return f"would finish in about {seconds:.0f} s (queue {backend['queue_wait_seconds']:.0f} s); the SLA " \
+               f"leaves {limit:.0f} s"
+    return None
+
+
+def _completion_seconds(backend: J) -> float:
+    p = backend["prediction"]
+    return float(backend["queue_wait_seconds"]) + float(p.get("estimated_seconds") or 0.0)
+
+
+def v1_score(job: J, backend: J, policy: J, config: J) -> dict[str, float]:
+    """SPEC-001's v1: (expected post-EM fidelity / effective cost) x availability penalty x crypto
+    compatibility, with effective cost = cost per shot x shots x shot multiplier."""
+    p = backend["prediction"]
+    cost = float(backend["cost_per_shot"]) * job["shots"] * float(p["shot_multiplier"])
+    fidelity = float(p["expected_fidelity"])
+    available = backend["availability"] >= config["availability_threshold"]
+    availability = 1.0 if available else float(config["availability_penalty"])
+    compatible = 1.0 if crypto_mode(job, backend, policy, config) is None else 0.0
+    return {"expected_fidelity": fidelity, "effective_cost": cost,
+            "fidelity_per_cost": fidelity / cost if cost > 0 else fidelity * 1e12,
+            "availability_factor": availability, "crypto_factor": compatible}
+
+
+def wait(job: J, backend: J, policy: J, config: J) -> dict[str, float]:
+    """Priority classes: time spent waiting costs critical work most and background work least."""
+    seconds = _completion_seconds(backend)
+    weight = float(config["wait_weight"][job["priority_class"]])
+    factor = 1.0 / (1.0 + weight * seconds / float(config["wait_reference_seconds"]))
+    return {"completion_seconds": seconds, "wait_factor": factor}
+
+
+def qkd_preference(job: J, backend: J, policy: J, config: J) -> dict[str, float]:
+    preferred = policy.get("qkd", "excluded") == "preferred" and backend["capabilities"].get("qkd", False)
+    return {"qkd_factor": float(config["qkd_preferred_bonus"]) if preferred else 1.0}
+
+
+BUILTIN: tuple[Plugin, ...] = (
+    Plugin("crypto-mode", "1", "filter", crypto_mode),
+    Plugin("tenant-allow-list", "1", "filter", allow_list),
+    Plugin("qkd", "1", "filter", qkd),
+    Plugin("status", "1", "filter", status),
+    Plugin("capability", "1", "filter", capability),
+    Plugin("prediction", "1", "filter", prediction),
+    Plugin("sla", "1", "filter", sla, needs_prediction=True),
+    Plugin("v1-score", "1", "score", v1_score, needs_prediction=True),
+    Plugin("wait", "1", "score", wait, needs_prediction=True),
+    Plugin("qkd-preference", "1", "score", qkd_preference, needs_prediction=True),
+)
+
+
+def available() -> dict[str, Plugin]:
+    """Built-ins plus every plugin installed under the entry-point group, by name."""
+    found = {p.name: p for p in BUILTIN}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        plugin = ep.load()
+        if not isinstance(plugin, Plugin):
+            raise QaiError("scheduler.bad_plugin", f"entry point {ep.name} is not a scheduler Plugin", status=500)
+        found[plugin.name] = plugin
+    return found
+
+
+def resolve(names: Sequence[str] | None) -> list[Plugin]:
+    """The plugins a profile names, in its order (all built-ins when it names none)."""
+    if not names:
+        return list(BUILTIN)
+    known = available()
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise QaiError("scheduler.unknown_plugin", f"unknown scheduler plugins {missing}", status=422,
+                       details={"known": sorted(known)})
+    return [known[n] for n in names]
