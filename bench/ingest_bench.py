@@ -122,25 +122,17 @@ def paced_load(url: str, token: str, rate: float, seconds: float, threads: int, 
                out: multiprocessing.Queue[float]) -> None:
     """In a process of its own: ``threads`` clients submitting batches, together paced to
     ``rate`` jobs/s for ``seconds``; puts the rate achieved on ``out``."""
-    stop = time.perf_counter() + seconds
-    done = [0]
+    local = threading.local()
 
-    def background() -> None:
-        c = Client(url, token, timeout=120)
-        nxt = time.perf_counter()
-        while time.perf_counter() < stop:
-            submit_batch(c, PQC, batch)
-            done[0] += batch
-            nxt += batch * threads / rate
-            time.sleep(max(0.0, nxt - time.perf_counter()))
+    def paced_batch() -> tuple[int, float]:
+        if not hasattr(local, "client"):
+            local.client, local.due = Client(url, token, timeout=120), time.perf_counter()
+        submit_batch(local.client, PQC, batch)
+        local.due += batch * threads / rate
+        time.sleep(max(0.0, local.due - time.perf_counter()))
+        return batch, 0.0
 
-    start = time.perf_counter()
-    loaders = [threading.Thread(target=background) for _ in range(threads)]
-    for t in loaders:
-        t.start()
-    for t in loaders:
-        t.join()
-    out.put(done[0] / (time.perf_counter() - start))
+    out.put(run_load(seconds, threads, paced_batch)[0])
 
 
 def run_load(seconds: float, clients: int, work: Callable[[], tuple[int, float]]) -> tuple[float, list[float]]:
