@@ -157,7 +157,7 @@ def decide(inputs: Mapping[str, Any], plugins: Sequence[Plugin]) -> dict[str, An
     prediction = backend["prediction"]
     others = sorted((r["score"] for r in eligible_rows if r is not chosen), reverse=True)
     runner_up = others[0] if others else 0.0
-    margin = 1.0 if best <= 0 else min(1.0, (best - runner_up) / (0.1 * best))
+    margin = min(1.0, (best - runner_up) / (0.1 * best))  # best > 0: checked above
     # The policy's own confidence in its prediction, halved when the runner-up is within 10%:
     # a near tie means another backend was almost as good, so the choice itself is less certain.
     confidence = float(prediction["confidence"]) * (0.5 + 0.5 * margin)
