@@ -150,6 +150,9 @@ def _quiet_mlflow() -> None:
                             category=DeprecationWarning)
 
 
+_INITIALISED: set[str] = set()  # SQLite tracking URIs this process has opened (and so migrated)
+
+
 def _client(settings: Settings) -> MlflowClient:
     _quiet_mlflow()
     from mlflow.tracking import MlflowClient
@@ -172,9 +175,6 @@ def _client(settings: Settings) -> MlflowClient:
             fcntl.flock(lock, fcntl.LOCK_UN)
     _INITIALISED.add(uri)
     return client
-
-
-_INITIALISED: set[str] = set()  # SQLite tracking URIs this process has opened (and so migrated)
 
 
 def _registry_error(exc: MlflowException, what: str) -> QaiError:
