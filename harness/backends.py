@@ -22,6 +22,8 @@ from harness.models import BackendRow, CalibrationSnapshotRow
 from orchestrator.db import Database, utcnow
 from sdk.errors import QaiError
 
+BACKEND_STATUSES = ("online", "offline", "maintenance", "calibrating", "error")
+
 
 @dataclass(frozen=True)
 class ImportResult:
@@ -101,8 +103,9 @@ def list_backends(db: Database) -> list[dict[str, Any]]:
             select(BackendRow, CalibrationSnapshotRow.created_at)
             .outerjoin(CalibrationSnapshotRow, CalibrationSnapshotRow.id == BackendRow.last_calibration_id)
             .order_by(BackendRow.num_qubits, BackendRow.backend_id)).all()
-        return [{**_describe(row), "num_qubits": row.num_qubits, "last_calibration_id": row.last_calibration_id,
-                 "last_calibration_at": at, "updated_at": row.updated_at} for row, at in rows]
+        return [{**_describe(row), "num_qubits": row.num_qubits, "status": row.status,
+                 "last_calibration_id": row.last_calibration_id, "last_calibration_at": at,
+                 "updated_at": row.updated_at} for row, at in rows]
 
 
 def get_backend(db: Database, backend_id: str) -> dict[str, Any]:
@@ -115,8 +118,8 @@ def get_backend(db: Database, backend_id: str) -> dict[str, Any]:
         count = session.scalar(select(func.count()).select_from(CalibrationSnapshotRow)
                                .where(CalibrationSnapshotRow.backend_id == backend_id))
         latest = _snapshot(session, row.last_calibration_id) if row.last_calibration_id else None
-    return {**_describe(row), "num_qubits": row.num_qubits, "last_calibration_id": row.last_calibration_id,
-            "updated_at": row.updated_at, "snapshots": int(count or 0),
+    return {**_describe(row), "num_qubits": row.num_qubits, "status": row.status,
+            "last_calibration_id": row.last_calibration_id, "updated_at": row.updated_at, "snapshots": int(count or 0),
             "latest_calibration": summary(latest) if latest is not None else None}
 
 
@@ -130,6 +133,21 @@ def latest_snapshot_id(db: Database, backend_id: str) -> str | None:
         raise QaiError("backends.unknown_backend", f"backend {backend_id!r} is not registered", status=404,
                        details={"backend_id": backend_id})
     return None if row[0] is None else str(row[0])
+
+
+def set_status(db: Database, backend_id: str, status: str) -> None:
+    """Mark a backend online, offline, in maintenance, calibrating or in error: the scheduler's
+    status filter routes around every status but ``online``."""
+    if status not in BACKEND_STATUSES:
+        raise QaiError("backends.bad_status", f"status must be one of {list(BACKEND_STATUSES)}", status=422,
+                       details={"status": status})
+    with db.write() as session:
+        row = session.get(BackendRow, backend_id)
+        if row is None:
+            raise QaiError("backends.unknown_backend", f"backend {backend_id!r} is not registered", status=404,
+                           details={"backend_id": backend_id})
+        row.status = status
+        row.updated_at = utcnow()
 
 
 def get_snapshot(db: Database, snapshot_id: str) -> CalibrationSnapshot:

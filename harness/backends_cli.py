@@ -74,7 +74,7 @@ def backends_show(backend_id: str, as_json: JsonFlag = False) -> None:
     caps, queue, cal = b["capabilities"], b["queue"], b["latest_calibration"]
     rows: list[tuple[str, Any]] = [
         ("vendor / region", f"{b['vendor']} / {b['region']}"),
-        ("qubits", b["num_qubits"]), ("basis gates", ", ".join(caps["basis_gates"])),
+        ("status", b["status"]), ("qubits", b["num_qubits"]), ("basis gates", ", ".join(caps["basis_gates"])),
         ("cost per shot (USD)", b["cost_per_shot"]), ("availability", b["availability"]),
         ("queue", ", ".join(f"{k}={v}" for k, v in sorted(queue.items()))),
         ("crypto modes", ", ".join(caps["crypto_modes"])), ("qkd", "yes" if caps["qkd"] else "no"),
@@ -89,6 +89,21 @@ def backends_show(backend_id: str, as_json: JsonFlag = False) -> None:
             ("median T1 / T2 (us)", f"{cal['median_t1_seconds'] * 1e6:.0f} / {cal['median_t2_seconds'] * 1e6:.0f}"),
         ]
     table(b["backend_id"], ["field", "value"], rows)
+
+
+@backends_app.command("status")
+def backends_status(backend_id: str,
+                    status: Annotated[str, typer.Argument(help="online, offline, maintenance, calibrating or error")],
+                    as_json: JsonFlag = False) -> None:
+    """Set a backend's operational status; the scheduler sends work only to online backends."""
+    from harness.backends import set_status
+
+    with cli_errors(as_json):
+        set_status(services().db, backend_id, status)
+    if as_json:
+        print_json({"backend_id": backend_id, "status": status})
+    else:
+        console.print(f"{backend_id} is now {status}")
 
 
 @backends_app.command("import")

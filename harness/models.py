@@ -35,6 +35,8 @@ class BackendRow(Base):
     # snapshot of this backend that it has just stored or found.
     last_calibration_id: Mapped[str | None] = mapped_column(String(SNAPSHOT_ID_LENGTH), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # operational, not catalog, state: online | offline | maintenance | calibrating | error
+    status: Mapped[str] = mapped_column(String(16), default="online", server_default="online")
 
 
 class CalibrationSnapshotRow(Base):

@@ -16,7 +16,7 @@ from orchestrator.http import BodySizeLimit, ServicesDep, install_error_handlers
 from orchestrator.services import Services, get_services
 from sdk.errors import QaiError
 
-COMPONENTS = ("kms", "ledger", "jobs", "em-policy")
+COMPONENTS = ("kms", "ledger", "jobs", "em-policy", "scheduler")
 
 health = APIRouter(tags=["health"])
 
@@ -57,6 +57,10 @@ def _routers(component: str) -> list[APIRouter]:
         from em_policy.api import router as policy_router
 
         return [policy_router]
+    if component == "scheduler":
+        from scheduler.api import router as scheduler_router
+
+        return [scheduler_router]
     raise QaiError("serve.unknown_component", f"unknown component {component!r}",
                    details={"components": list(COMPONENTS)})
 
@@ -70,7 +74,7 @@ def create_app(services: Services | None = None, components: Sequence[str] = COM
             app.state.services.ledger.start()
         if "jobs" in components:
             app.state.services.uploader.start()
-        if "em-policy" in components:
+        if "em-policy" in components or "scheduler" in components:
             from em_policy.api import warm_up
 
             warm_up(app.state.services)

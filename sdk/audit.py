@@ -45,6 +45,7 @@ PAGE = 1000
 CHUNK = 256
 
 Replayer = Callable[[IndexedEntry, bytes], None]
+REPLAYER_GROUP = "qai.audit.replayers"
 REPLAYERS: dict[str, Replayer] = {}
 """Entry type → a function that re-derives the entry from its recorded inputs and raises
 :class:`QaiError` on a mismatch. The scheduler registers ``scheduler-decision`` here."""
@@ -52,6 +53,17 @@ REPLAYERS: dict[str, Replayer] = {}
 
 def register_replayer(entry_type: str, fn: Replayer) -> None:
     REPLAYERS[entry_type] = fn
+
+
+def load_replayers() -> dict[str, Replayer]:
+    """Register the hooks installed under the entry-point group ``qai.audit.replayers`` (entry
+    point name = entry type). An sdk installed alone finds none and replays nothing."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=REPLAYER_GROUP):
+        if ep.name not in REPLAYERS:
+            register_replayer(ep.name, ep.load())
+    return REPLAYERS
 
 
 @dataclass(frozen=True)
@@ -261,6 +273,7 @@ _KEYS: dict[str, KeyDocument] = {}
 
 
 def _init_worker(keys: list[dict[str, Any]]) -> None:
+    load_replayers()
     _KEYS.clear()
     _KEYS.update({k["name"]: KeyDocument.model_validate(k) for k in keys})
 

@@ -1,0 +1,458 @@
+"""Scheduling a stored job: gather the decision's inputs, decide, sign, store, ledger, dispatch.
+
+``schedule`` reads everything a decision depends on **once** and records it as the decision's
+``inputs`` (see :mod:`scheduler.engine`): the job's fields from its verified manifest, the tenant's
+policy, and per backend its catalog entry, status, queue wait, latest calibration snapshot id and
+the EM policy's prediction for the job on that snapshot. The signed decision document holds those
+inputs next to the decision body, so ``scheduler.replay`` recomputes the body from the document
+alone, and re-derives the inputs from the manifest, the content-addressed snapshots and the
+recorded model version.
+
+A decision is written like a job: the envelope goes to the object store (write-once), then the
+ledger entry and the ``scheduler_decisions`` row commit in one transaction. A job whose decision
+chose a backend is then handed to :mod:`scheduler.dispatch`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+from sqlalchemy import Float, ForeignKey, String, func, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.types import BigInteger
+
+from orchestrator.auth import Principal, Role, get_tenant
+from orchestrator.db import Base, JSONType, UTCDateTime, insert_rows, utcnow
+from scheduler.engine import DEFAULT_CONFIG, Plugin, decide, prefilter, profile, rejections
+from scheduler.plugins import resolve
+from sdk.canonical import canonical_json
+from sdk.dsse import envelope_bytes, envelope_from_bundle, pae, parse_envelope, verify_envelope
+from sdk.errors import QaiError
+from sdk.ledger import SYSTEM_TENANT, LedgerEntry, Receipt, sha256_hex
+from sdk.manifest import RunManifest
+
+if TYPE_CHECKING:
+    from em_policy.service import PolicyService, PredictRequest
+    from orchestrator.jobs import ManifestRow
+    from orchestrator.services import Services
+
+DECISION_PAYLOAD_TYPE = "application/vnd.qai.scheduler-decision.v1+json"
+DECISION_STATEMENT = "qai.scheduler.decision.v1"
+DECISION_ENTRY_TYPE: Literal["scheduler-decision"] = "scheduler-decision"
+SCHEDULER_KEY = "qai.scheduler"
+PREDICTION_FIELDS = ("method", "params", "shot_multiplier", "expected_fidelity", "confidence", "model_version",
+                     "estimated_seconds")
+BACKENDS_TTL_SECONDS = 2.0  # the catalog and backlog a decision sees may be this old
+
+
+class DecisionRow(Base):
+    __tablename__ = "scheduler_decisions"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("manifests.job_id"))
+    tenant: Mapped[str] = mapped_column(String(64))
+    chosen_backend: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    calibration_snapshot_id: Mapped[str | None] = mapped_column(String(192), nullable=True)
+    em_method: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    confidence: Mapped[float] = mapped_column(Float)
+    run_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reasons: Mapped[Any] = mapped_column(JSONType)
+    decision_manifest_path: Mapped[str] = mapped_column(String(512))
+    decision_sha256: Mapped[str] = mapped_column(String(64))
+    ledger_index: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+@dataclass(frozen=True)
+class Decision:
+    decision_id: str
+    job_id: str
+    created: bool  # False when the job already had a decision that chose a backend
+    document: dict[str, Any]  # {"type", "decision_id", "job_id", "created_at", "inputs", "decision"}
+    path: str
+    receipt: Receipt
+
+    @property
+    def body(self) -> dict[str, Any]:
+        return dict(self.document["decision"])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"decision_id": self.decision_id, "job_id": self.job_id, "created": self.created,
+                "decision": self.body, "path": self.path, "receipt": self.receipt.model_dump(mode="json")}
+
+
+def decision_path(digest: str) -> str:
+    return f"scheduler/decisions/{digest}"
+
+
+# ------------------------------------------------------------------------------------------- inputs
+
+
+def circuit_qasm(svc: Services, manifest: RunManifest) -> str:
+    """The job's OpenQASM: inline, or from the object store checked against its signed sha256."""
+    circuit = manifest.circuit
+    if circuit.qasm is not None:
+        return circuit.qasm
+    assert circuit.path is not None and circuit.sha256 is not None  # the model guarantees one form
+    data = svc.objects.get(circuit.path)
+    if "sha256:" + hashlib.sha256(data).hexdigest() != circuit.sha256:
+        raise QaiError("scheduler.circuit_mismatch", f"stored circuit {circuit.path} does not match the manifest",
+                       status=409, details={"path": circuit.path})
+    return data.decode()
+
+
+def deadline_seconds(manifest: RunManifest, submitted_at: datetime, now: datetime) -> float | None:
+    """What is left of the job's SLA at ``now``: the earlier of its deadline and its latency limit."""
+    if manifest.sla is None:
+        return None
+    left = []
+    if manifest.sla.deadline is not None:
+        left.append((manifest.sla.deadline - now).total_seconds())
+    if manifest.sla.max_latency_seconds is not None:
+        left.append(manifest.sla.max_latency_seconds - (now - submitted_at).total_seconds())
+    return round(min(left), 6)
+
+
+def job_fields(manifest: RunManifest, envelope_sha256: str, num_qubits: int, submitted_at: datetime,
+               now: datetime) -> dict[str, Any]:
+    from em_policy.policy import UNLIMITED_RATIO
+
+    return {"job_id": str(manifest.job_id), "tenant": manifest.tenant, "manifest_sha256": envelope_sha256,
+            "crypto_mode": manifest.crypto_mode, "shots": manifest.shots,
+            # no budget in the manifest: the job accepts any overhead the policy finds worth it
+            "shot_budget": manifest.shot_budget or int(manifest.shots * UNLIMITED_RATIO),
+            "priority_class": manifest.priority_class, "num_qubits": num_qubits,
+            "deadline_seconds": deadline_seconds(manifest, submitted_at, now), "backend_id": manifest.backend_id}
+
+
+def tenant_profile(policy: Mapping[str, Any]) -> tuple[list[Plugin], dict[str, Any]]:
+    """The tenant's scheduler profile (``crypto_policy.scheduler``: plugin names and config), or the default."""
+    configured = policy.get("scheduler") or {}
+    if not isinstance(configured, dict):
+        raise QaiError("scheduler.bad_profile", "the tenant's scheduler profile must be an object", status=422)
+    plugins = resolve(configured.get("plugins"))
+    config = configured.get("config") or {}
+    unknown = sorted(set(config) - set(DEFAULT_CONFIG))
+    if unknown:
+        raise QaiError("scheduler.bad_profile", f"unknown scheduler config {unknown}", status=422,
+                       details={"known": sorted(DEFAULT_CONFIG)})
+    return plugins, profile(plugins, config, str(configured.get("name", "default")))
+
+
+@dataclass
+class _Catalog:
+    backends: list[dict[str, Any]]
+    backlog: dict[str, float]
+    read_at: float
+
+
+class Scheduler:
+    """The per-process scheduler: caches the catalog briefly and the signing key's check."""
+
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+        self._catalog: _Catalog | None = None
+        self._lock = threading.Lock()
+        self._key: str | None = None
+
+    # ---------------------------------------------------------------------------------------- inputs
+
+    def catalog(self) -> _Catalog:
+        cached = self._catalog
+        if cached is not None and time.monotonic() - cached.read_at < BACKENDS_TTL_SECONDS:
+            return cached
+        from harness.backends import list_backends
+
+        with self._lock:
+            backends = list_backends(self.svc.db)
+            self._catalog = _Catalog(backends, self.backlog(), time.monotonic())
+            return self._catalog
+
+    def backlog(self) -> dict[str, float]:
+        """Expected run seconds of the jobs qai has queued or running on each backend."""
+        from orchestrator.jobs import ManifestRow
+
+        with self.svc.db.read() as s:
+            rows = s.execute(
+                select(DecisionRow.chosen_backend, func.sum(DecisionRow.run_seconds))
+                .join(ManifestRow, ManifestRow.job_id == DecisionRow.job_id)
+                .where(ManifestRow.status.in_(("queued", "running")), DecisionRow.chosen_backend.is_not(None))
+                .group_by(DecisionRow.chosen_backend)).all()
+        return {str(b): float(sec or 0.0) for b, sec in rows}
+
+    def gather(self, manifest: RunManifest, row: ManifestRow, plugins: Sequence[Plugin],
+               prof: Mapping[str, Any], policy: Mapping[str, Any], now: datetime) -> dict[str, Any]:
+        """The recorded inputs of a decision about ``manifest`` at ``now``."""
+        from em_policy.features import parse_qasm
+
+        qasm = circuit_qasm(self.svc, manifest)
+        num_qubits = parse_qasm(qasm).num_qubits
+        job = job_fields(manifest, row.envelope_sha256, num_qubits, row.submitted_at, now)
+        cat = self.catalog()
+        records = []
+        for b in cat.backends:
+            queue = b["queue"] or {}
+            records.append({
+                "backend_id": b["backend_id"], "cost_per_shot": float(b["cost_per_shot"]),
+                "availability": float(b["availability"]), "status": b["status"],
+                "queue_wait_seconds": round(float(queue.get("mean_wait_seconds", 0.0))
+                                            + cat.backlog.get(b["backend_id"], 0.0), 6),
+                "calibration_snapshot_id": b["last_calibration_id"], "capabilities": b["capabilities"],
+                "prediction": None, "prediction_error": None})
+        config = prof["config"]
+        worth = [r for r in records if prefilter(job, r, policy, plugins, config)]
+        if worth:
+            self.predict(self.policy(), qasm, job, worth)
+        return {"job": job, "tenant_policy": _policy_record(policy), "backends": records, "profile": dict(prof),
+                "seed": manifest.seed, "now": now.isoformat()}
+
+    def policy(self, model_version: str | None = None) -> PolicyService:
+        """The serving policy (the champion), or one pinned to ``model_version`` for replay."""
+        from em_policy.api import policy_service
+
+        return policy_service(self.svc) if model_version is None else pinned_policy(self.svc, model_version)
+
+    @staticmethod
+    def predict(service: PolicyService, qasm: str, job: Mapping[str, Any], records: Sequence[dict[str, Any]]) -> None:
+        """Fill each record's ``prediction`` (or ``prediction_error``) from ``service``."""
+        requests = [_request(qasm, job, r["calibration_snapshot_id"]) for r in records]
+        try:
+            predictions: list[Any] = list(service.predict_many(requests))
+        except QaiError as err:
+            if not _per_backend(err):
+                raise
+            predictions = []  # one backend failed: ask one by one to learn which
+            for req in requests:
+                try:
+                    predictions.append(service.predict(req))
+                except QaiError as one:
+                    if not _per_backend(one):
+                        raise
+                    predictions.append(one)
+        for r, p in zip(records, predictions, strict=True):
+            if isinstance(p, QaiError):
+                r["prediction_error"] = {"code": p.code, "message": p.message}
+            else:
+                r["prediction"] = prediction_record(p)
+
+    # -------------------------------------------------------------------------------------- deciding
+
+    def schedule(self, job_id: str, principal: Principal) -> Decision:
+        """Decide where ``job_id`` runs (or that nothing fits), sign, store and ledger the decision.
+
+        A job that already has a decision choosing a backend gets that decision back (``created``
+        False): scheduling is idempotent. A decision that found no backend is recorded too and
+        raised as ``scheduler.no_backend`` (422) listing every backend with its reasons.
+        """
+        from orchestrator.jobs import ManifestRow
+
+        with self.svc.db.read() as s:
+            row = s.get(ManifestRow, job_id)
+            if row is None or not principal.can_read(row.tenant):
+                raise QaiError("job.not_found", f"no job {job_id}", status=404, details={"job_id": job_id})
+            principal.require(row.tenant, Role.SUBMITTER, Role.OPERATOR, action="scheduling a job")
+            s.expunge(row)
+            earlier = s.scalars(select(DecisionRow).where(DecisionRow.job_id == job_id,
+                                                          DecisionRow.chosen_backend.is_not(None))).first()
+        if earlier is not None:
+            decision = self._stored(earlier, created=False)
+            if row.status == "pending":  # decided, but the hand-off to dispatch did not happen
+                self._dispatch(row, decision)
+            return decision
+        if row.status != "pending":
+            raise QaiError("scheduler.bad_status", f"job {job_id} is {row.status}; only pending jobs are scheduled",
+                           status=409, details={"job_id": job_id, "status": row.status})
+        manifest = self.manifest(row)
+        policy = get_tenant(self.svc.db, row.tenant).crypto_policy or {}
+        plugins, prof = tenant_profile(policy)
+        self.signing_key()  # before `now`: the decision is verified as of its ledger time
+        now = utcnow()
+        inputs = self.gather(manifest, row, plugins, prof, policy, now)
+        body = decide(inputs, plugins)
+        decision = self._record(row, inputs, body, now)
+        if body["chosen"] is None:
+            raise QaiError("scheduler.no_backend", body["rationale"], status=422,
+                           details={"decision_id": decision.decision_id, "job_id": job_id,
+                                    "backends": rejections(body)})
+        self._dispatch(row, decision)
+        return decision
+
+    def manifest(self, row: ManifestRow) -> RunManifest:
+        data = row.envelope if row.envelope is not None else self.svc.objects.get(row.s3_path)
+        if sha256_hex(data) != row.envelope_sha256:
+            raise QaiError("job.corrupt", f"the stored envelope of job {row.job_id} does not match its index",
+                           status=500, details={"job_id": row.job_id})
+        # Verified at ingest and content-checked here: parsing the payload is enough.
+        return RunManifest.model_validate_json(parse_envelope(data).payload_bytes())
+
+    def signing_key(self) -> str:
+        if self._key is None:
+            from orchestrator.ledger import system_signing_key
+
+            self._key = system_signing_key(self.svc.db, self.svc.kms, SCHEDULER_KEY,
+                                           suite=self.svc.settings.ledger_suite, subject="scheduler",
+                                           error_code="scheduler.bad_key")
+        return self._key
+
+    def _record(self, row: ManifestRow, inputs: dict[str, Any], body: dict[str, Any], now: datetime) -> Decision:
+        from orchestrator.ledger import LedgerWrite
+
+        key = self.signing_key()
+        decision_id = str(uuid.uuid4())
+        document = {"type": DECISION_STATEMENT, "decision_id": decision_id, "job_id": row.job_id,
+                    "created_at": now.isoformat(), "inputs": inputs, "decision": body}
+        payload = canonical_json(document)
+        bundle = self.svc.kms.sign(key, principal=Principal.system("scheduler"),
+                                   message=pae(DECISION_PAYLOAD_TYPE, payload))
+        data = envelope_bytes(envelope_from_bundle(DECISION_PAYLOAD_TYPE, payload, bundle))
+        digest = sha256_hex(data)
+        path = decision_path(digest)
+        self.svc.objects.put(path, data)
+        chosen = body["chosen"]
+        run_seconds = None
+        if chosen is not None:
+            backend = next(b for b in inputs["backends"] if b["backend_id"] == chosen["backend_id"])
+            run_seconds = backend["prediction"]["estimated_seconds"]
+        # ledgered under the signer's tenant (the auditor checks the two agree); the row keeps the job's
+        entry = LedgerEntry(type=DECISION_ENTRY_TYPE, sha256=digest, path=path, tenant=SYSTEM_TENANT, time=now)
+
+        def before(session: Session, first: int) -> None:
+            insert_rows(session, DecisionRow.__table__, [{  # type: ignore[arg-type]
+                "id": decision_id, "job_id": row.job_id, "tenant": row.tenant,
+                "chosen_backend": chosen and chosen["backend_id"],
+                "calibration_snapshot_id": chosen and chosen["calibration_snapshot_id"],
+                "em_method": chosen and chosen["em_method"], "score": chosen and chosen["score"],
+                "confidence": body["confidence"], "run_seconds": run_seconds, "reasons": rejections(body),
+                "decision_manifest_path": path, "decision_sha256": digest, "ledger_index": first, "created_at": now}])
+
+        indexed = self.svc.ledger.append([LedgerWrite([entry], before=before)])[0]
+        self._catalog = None  # the backlog changed
+        return Decision(decision_id, row.job_id, True, document, path, self.svc.ledger.receipt(indexed.index))
+
+    def _dispatch(self, row: ManifestRow, decision: Decision) -> None:
+        from scheduler.dispatch import dispatch
+
+        dispatch(self.svc, row.job_id, decision.decision_id, decision.body["chosen"], row.priority_class)
+
+    # --------------------------------------------------------------------------------------- reading
+
+    def _stored(self, row: DecisionRow, *, created: bool) -> Decision:
+        document = self.load(row)
+        return Decision(row.id, row.job_id, created, document, row.decision_manifest_path,
+                        self.svc.ledger.receipt(row.ledger_index))
+
+    def load(self, row: DecisionRow) -> dict[str, Any]:
+        """The decision document of ``row``: its ledger entry, object and signatures checked."""
+        entry = self.svc.ledger.entry(row.ledger_index)
+        if (entry.type, entry.sha256, entry.path) != (DECISION_ENTRY_TYPE, row.decision_sha256,
+                                                      row.decision_manifest_path):
+            raise QaiError("scheduler.decision_tampered", f"decision {row.id} does not match ledger entry "
+                           f"{row.ledger_index}", status=409, details={"decision_id": row.id})
+        data = self.svc.ledger.object_bytes(row.decision_manifest_path)
+        if sha256_hex(data) != row.decision_sha256:
+            raise QaiError("scheduler.decision_tampered", f"stored decision {row.id} does not hash to its ledger "
+                           "entry", status=409, details={"decision_id": row.id})
+        key = self.svc.kms.public_key(SCHEDULER_KEY)
+        if key.tenant != SYSTEM_TENANT:
+            raise QaiError("scheduler.bad_key", f"{SCHEDULER_KEY} belongs to tenant {key.tenant}", status=500)
+        return verified_document(data, key, entry.time)
+
+    def row(self, decision_id: str, principal: Principal | None = None) -> DecisionRow:
+        with self.svc.db.read() as s:
+            row = s.get(DecisionRow, decision_id)
+            if row is None or (principal is not None and not principal.can_read(row.tenant)):
+                raise QaiError("scheduler.decision_not_found", f"no decision {decision_id}", status=404,
+                               details={"decision_id": decision_id})
+            s.expunge(row)
+        return row
+
+    def get(self, decision_id: str, principal: Principal) -> dict[str, Any]:
+        row = self.row(decision_id, principal)
+        return {"decision_id": row.id, "job_id": row.job_id, "tenant": row.tenant, "created_at": row.created_at,
+                "chosen_backend": row.chosen_backend, "em_method": row.em_method, "score": row.score,
+                "confidence": row.confidence, "path": row.decision_manifest_path, "ledger_index": row.ledger_index,
+                "document": self.load(row)}
+
+    def for_job(self, job_id: str) -> list[str]:
+        with self.svc.db.read() as s:
+            return list(s.scalars(select(DecisionRow.id).where(DecisionRow.job_id == job_id)
+                                  .order_by(DecisionRow.created_at)))
+
+
+def verified_document(data: bytes, key: Any, at: datetime) -> dict[str, Any]:
+    """A decision envelope's document, its signatures checked under ``key`` at ``at``."""
+    envelope = parse_envelope(data)
+    if envelope.payload_type != DECISION_PAYLOAD_TYPE:
+        raise QaiError("scheduler.decision_tampered", f"payload type {envelope.payload_type} is not a decision",
+                       status=409)
+    verify_envelope(envelope, key, at=at)
+    document: dict[str, Any] = json.loads(envelope.payload_bytes())
+    if document.get("type") != DECISION_STATEMENT:
+        raise QaiError("scheduler.decision_tampered", "the payload is not a scheduler decision", status=409)
+    return document
+
+
+def prediction_record(p: Any) -> dict[str, Any]:
+    """The part of an EM policy prediction a decision depends on (features and alternatives are
+    derived data: replay recomputes them from the manifest and the snapshot)."""
+    return {f: getattr(p, f) for f in PREDICTION_FIELDS}
+
+
+def _per_backend(err: QaiError) -> bool:
+    """A client-side (4xx) prediction error is about the job on that backend (the circuit does not
+    fit it, its calibration lies outside what the model was trained on, its snapshot is too old):
+    the backend is filtered out with the reason. A server-side one (no model, registry down) fails
+    the whole request."""
+    return 400 <= err.status < 500
+
+
+def _request(qasm: str, job: Mapping[str, Any], snapshot_id: str) -> PredictRequest:
+    from em_policy.service import PredictRequest
+
+    return PredictRequest(qasm=qasm, calibration_snapshot_id=snapshot_id, shots=job["shots"],
+                          shot_budget=job["shot_budget"])
+
+
+def _policy_record(policy: Mapping[str, Any]) -> dict[str, Any]:
+    """The tenant policy fields the plugins read (a policy's other fields do not change a decision)."""
+    return {k: policy[k] for k in ("min_crypto_mode", "allowed_backends", "qkd") if policy.get(k) is not None}
+
+
+_services_lock = threading.Lock()
+
+
+def pinned_policy(svc: Services, model_version: str) -> PolicyService:
+    """A policy service answering with one model version (``name/number``), for replay."""
+    from em_policy.service import PolicyService
+
+    key = f"em_policy@{model_version}"
+    with _services_lock:
+        service = svc.extras.get(key)
+        if not isinstance(service, PolicyService):
+            service = PolicyService(svc, alias=model_version.rsplit("/", 1)[-1])
+            svc.extras[key] = service
+    return service
+
+
+def scheduler(svc: Services) -> Scheduler:
+    with _services_lock:
+        found = svc.extras.get("scheduler")
+        if not isinstance(found, Scheduler):
+            found = Scheduler(svc)
+            svc.extras["scheduler"] = found
+    return found
+
+
+def load_decision(svc: Services, decision_id: str) -> dict[str, Any]:
+    """The verified decision document (``inputs`` and ``decision``) of ``decision_id``."""
+    s = scheduler(svc)
+    return s.load(s.row(decision_id))

@@ -1,0 +1,250 @@
+"""Scheduling stored jobs over real HTTP, on PostgreSQL+S3 and on the embedded default: decisions are
+signed, stored, ledgered and replayable; bad input and tampering are caught with their own codes."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func, select, text
+
+from orchestrator.app import create_app
+from orchestrator.auth import Principal, Role, create_tenant, issue_token
+from orchestrator.jobs import ManifestRow
+from orchestrator.services import Services
+from scheduler.replay import replay, replay_document
+from scheduler.service import (
+    DECISION_PAYLOAD_TYPE,
+    SCHEDULER_KEY,
+    DecisionRow,
+    scheduler,
+)
+from sdk.audit import ServerSource, audit
+from sdk.canonical import canonical_json
+from sdk.client import Client
+from sdk.dsse import envelope_bytes, envelope_from_bundle, pae
+from sdk.ledger import SYSTEM_TENANT, verify_receipt
+from sdk.manifest import sign_manifest
+from tests.conftest import LiveServer
+from tests.policy_data import dataset
+from tests.test_jobs import svc  # noqa: F401  (the PostgreSQL+S3 and SQLite+local fixture)
+from tests.test_manifest import manifest
+from tests.test_policy import GHZ3, SMALL
+
+CATALOG = 9  # backends in harness.catalog
+
+
+@pytest.fixture(scope="session")
+def data_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return dataset(tmp_path_factory.getbasetemp().parent)
+
+
+@pytest.fixture
+def ready(svc: Services, data_path: Path) -> Iterator[Services]:  # noqa: F811
+    """Services with the catalog imported and a champion policy model."""
+    from em_policy.training import train_and_register
+    from harness.backends import import_catalog
+
+    import_catalog(svc.db)
+    assert train_and_register([str(data_path)], SMALL, quiet=True, svc=svc)["promoted"]
+    yield svc
+
+
+def _submit(services: Services, **fields: Any) -> str:
+    m = manifest(job_id=str(uuid.uuid4()), circuit={"qasm": GHZ3}, artifact_hash=_hash(GHZ3), **fields)
+    signer = Principal(subject="t", role=Role.SIGNER, tenant=m.tenant)
+    env = sign_manifest(m, lambda msg: services.kms.sign(f"{m.tenant}.manifests", principal=signer, message=msg))
+    return services.jobs.submit(env.to_bytes(), Principal(subject="t", role=Role.SUBMITTER, tenant=m.tenant)).job_id
+
+
+def _hash(qasm: str) -> str:
+    from sdk.manifest import qasm_sha256
+
+    return qasm_sha256(qasm)
+
+
+def _counts(services: Services) -> tuple[int, int]:
+    with services.db.read() as s:
+        return int(s.scalar(select(func.count()).select_from(DecisionRow)) or 0), services.ledger.size()
+
+
+def test_schedule_sign_ledger_replay_and_reject_over_http(ready: Services) -> None:
+    services = ready
+    create_tenant(services.db, "org-pinned", crypto_policy={"allowed_backends": ["fake_nairobi"]})
+    services.kms.create_key("org-pinned.manifests", tenant="org-pinned", principal=Principal.system("test"))
+    token = issue_token(services.db, role=Role.SUBMITTER, tenant="org-a").token
+    pinned_token = issue_token(services.db, role=Role.SUBMITTER, tenant="org-pinned").token
+    other = issue_token(services.db, role=Role.SUBMITTER, tenant="org-b").token
+    auditor = issue_token(services.db, role=Role.AUDITOR, tenant=None).token
+    job_id = _submit(services, crypto_mode="hybrid", priority_class="critical")
+    with LiveServer(create_app(services)) as srv, httpx.Client(base_url=srv.url, timeout=120,
+                                                          headers={"Authorization": f"Bearer {token}"}) as c:
+        r = c.post("/v1/schedule", json={"job_id": job_id})
+        assert r.status_code == 201, r.text
+        out = r.json()
+        body = out["decision"]
+        chosen = body["chosen"]
+        # every backend is judged by every filter, with a reason for each reject
+        assert len(body["backends"]) == CATALOG
+        for row in body["backends"]:
+            assert [f["plugin"] for f in row["filters"]][:2] == ["crypto-mode", "tenant-allow-list"]
+            assert all("reason" in f for f in row["filters"] if f["verdict"] == "reject")
+        eligible = [b for b in body["backends"] if b["eligible"]]
+        assert chosen["backend_id"] == max(eligible, key=lambda b: b["score"])["backend_id"]
+        assert chosen["model_version"] == "em-policy/1" and chosen["em_method"]
+        assert 0 < body["confidence"] <= 1 and body["rationale"].startswith(chosen["backend_id"])
+        # GHZ3 fits every catalog device and every link carries hybrid: a backend is out only where the
+        # small test model cannot predict (its calibration is outside the model's training range)
+        for b in body["backends"]:
+            if not b["eligible"]:
+                rejects = [f for f in b["filters"] if f["verdict"] == "reject"]
+                assert [f["plugin"] for f in rejects] == ["prediction"] and "em_policy." in rejects[0]["reason"]
+        # idempotent: the same job gets the same decision back
+        again = c.post("/v1/schedule", json={"job_id": job_id})
+        assert again.status_code == 200 and again.json()["decision_id"] == out["decision_id"], again.text
+
+        # the stored, signed document holds every input and the same body
+        got = c.get(f"/v1/decisions/{out['decision_id']}")
+        assert got.status_code == 200, got.text
+        doc = got.json()["document"]
+        assert doc["decision"] == body and doc["job_id"] == job_id
+        inputs = doc["inputs"]
+        assert inputs["job"]["manifest_sha256"] and inputs["job"]["num_qubits"] == 3
+        assert inputs["seed"] == 42 and inputs["profile"]["config_hash"].startswith("sha256:")
+        assert {b["calibration_snapshot_id"] for b in inputs["backends"]} == {
+            b["calibration_snapshot_id"] for b in body["backends"]}
+        assert c.get("/v1/decisions", params={"job_id": job_id}).json()["decisions"] == [out["decision_id"]]
+        # replay: byte-identical body, and every input re-derived from its source
+        rep = c.post(f"/v1/decisions/{out['decision_id']}/replay").json()
+        assert rep["ok"] and rep["identical"], rep
+        names = [ch["name"] for ch in rep["checks"]]
+        assert names.count("job") == 1 and sum(n.startswith("snapshot:") for n in names) == CATALOG
+        assert sum(n.startswith("prediction:") for n in names) == CATALOG
+
+        # a signed manifest can be scheduled in one call
+        m = manifest(job_id=str(uuid.uuid4()), circuit={"qasm": GHZ3}, artifact_hash=_hash(GHZ3))
+        signer = Principal(subject="t", role=Role.SIGNER, tenant="org-a")
+        env = sign_manifest(m, lambda msg: services.kms.sign("org-a.manifests", principal=signer, message=msg))
+        r2 = c.post("/v1/schedule", json={"envelope": json.loads(env.to_bytes())})
+        assert r2.status_code == 201 and r2.json()["job_id"] == str(m.job_id)
+
+        # nothing fits: 422 listing every backend and why; the decision is still recorded and ledgered
+        pqc = _submit(services, tenant="org-pinned", crypto_mode="pqc-required",
+                      pqc_suite="ML-DSA-65+ECDSA-P256")
+        before = _counts(services)
+        r3 = c.post("/v1/schedule", json={"job_id": pqc}, headers={"Authorization": f"Bearer {pinned_token}"})
+        assert r3.status_code == 422, r3.text
+        err = r3.json()["error"]
+        assert err["code"] == "scheduler.no_backend"
+        listed = {b["backend_id"]: b["reasons"] for b in err["details"]["backends"]}
+        assert len(listed) == CATALOG and all(listed.values())
+        assert any("tenant-allow-list" in r for r in listed["fake_manila"])
+        assert any("crypto-mode" in r for r in listed["fake_nairobi"])  # nairobi has no pqc-required link
+        assert _counts(services) == (before[0] + 1, before[1] + 1)
+
+        # bad input: each with its code, and nothing written
+        before = _counts(services)
+        for payload, status, code in (
+            ({"job_id": str(uuid.uuid4())}, 404, "job.not_found"),
+            ({"job_id": job_id, "envelope": {}}, 422, "request.invalid"),
+            ({}, 422, "request.invalid"),
+            ({"envelope": {"payload": "x"}}, 422, "dsse.malformed"),
+        ):
+            bad = c.post("/v1/schedule", json=payload)
+            assert (bad.status_code, bad.json()["error"]["code"]) == (status, code), (payload, bad.text)
+        foreign = c.post("/v1/schedule", json={"job_id": job_id}, headers={"Authorization": f"Bearer {other}"})
+        assert foreign.status_code == 404
+        assert c.get(f"/v1/decisions/{out['decision_id']}",
+                     headers={"Authorization": f"Bearer {other}"}).status_code == 404
+        assert c.get(f"/v1/decisions/{uuid.uuid4()}").json()["error"]["code"] == "scheduler.decision_not_found"
+        assert _counts(services) == before
+
+        # the receipt proves the decision is in the log; the offline auditor replays every decision
+        services.ledger.checkpoint()
+        with Client(srv.url, auditor) as a:
+            verify_receipt(a.ledger_receipt(out["receipt"]["index"]), a.ledger_key())
+            report = audit(ServerSource(a), trusted_keys={k.name: k for k in a.list_keys()}, workers=1)
+        assert report.ok, report.failures
+
+
+def test_replay_detects_changed_inputs(ready: Services) -> None:
+    services = ready
+    job_id = _submit(services)
+    decision = scheduler(services).schedule(job_id, Principal.system("test"))
+    assert replay(services, decision.decision_id).ok
+
+    # 1. a scheduler that recorded one input but decided on another: the body no longer recomputes
+    doc = json.loads(canonical_json(decision.document))
+    chosen = doc["decision"]["chosen"]["backend_id"]
+    backend = next(b for b in doc["inputs"]["backends"] if b["backend_id"] == chosen)
+    backend["prediction"]["expected_fidelity"] *= 0.5
+    differences = replay_document(doc)
+    assert differences and all(d["path"].startswith("$.") for d in differences)
+    assert any("expected_fidelity" in d["path"] or "score" in d["path"] for d in differences)
+    # ... which the offline auditor reports even when the forged document is properly signed
+    payload = canonical_json(doc)
+    bundle = services.kms.sign(SCHEDULER_KEY, principal=Principal.system("test"),
+                          message=pae(DECISION_PAYLOAD_TYPE, payload))
+    forged = envelope_bytes(envelope_from_bundle(DECISION_PAYLOAD_TYPE, payload, bundle))
+    index = services.ledger.append_object("scheduler-decision", SYSTEM_TENANT, forged).index
+    services.ledger.checkpoint()
+    auditor = issue_token(services.db, role=Role.AUDITOR, tenant=None).token
+    with LiveServer(create_app(services)) as srv, Client(srv.url, auditor) as a:
+        report = audit(ServerSource(a), trusted_keys={k.name: k for k in a.list_keys()}, workers=1)
+    assert [(f.code, f.index) for f in report.failures] == [("scheduler.replay_mismatch", index)]
+
+    # 2. a calibration value changed under a recorded snapshot id: replay names the backend
+    snapshot_id = backend["calibration_snapshot_id"]
+    _lift_append_only(services, "calibration_snapshots")  # as someone with write access to the database would
+    with services.db.write() as s:
+        s.execute(text("UPDATE calibration_snapshots SET raw_metrics = :m WHERE id = :i"),
+                  {"m": json.dumps(_tweaked_metrics(services, snapshot_id)), "i": snapshot_id})
+    rep = replay(services, decision.decision_id)
+    assert rep.identical and not rep.ok  # the body still recomputes from what was recorded...
+    bad = [c for c in rep.checks if not c.ok]
+    assert [c.name for c in bad] == [f"snapshot:{chosen}"] and "calibration.id_mismatch" in bad[0].detail
+
+    # 3. the stored decision object rewritten: reading it fails, with its own code
+    row = scheduler(services).row(decision.decision_id)
+    services.objects.put(row.decision_manifest_path, forged, overwrite=True)
+    with pytest.raises(Exception) as caught:
+        replay(services, decision.decision_id)
+    assert getattr(caught.value, "code", None) == "scheduler.decision_tampered"
+
+
+def _lift_append_only(services: Services, table: str) -> None:
+    with services.db.write() as s:
+        if s.get_bind().dialect.name == "postgresql":
+            s.execute(text(f"ALTER TABLE {table} DISABLE TRIGGER {table}_append_only"))
+            return
+        names = s.execute(text("SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = :t"),
+                          {"t": table}).scalars().all()
+        for name in names:
+            s.execute(text(f'DROP TRIGGER "{name}"'))
+
+
+def _tweaked_metrics(services: Services, snapshot_id: str) -> dict[str, Any]:
+    with services.db.read() as s:
+        raw = s.execute(text("SELECT raw_metrics FROM calibration_snapshots WHERE id = :i"),
+                        {"i": snapshot_id}).scalar_one()
+    metrics = json.loads(raw) if isinstance(raw, str) else dict(raw)
+    metrics["t1"] = [v * 0.9 for v in metrics["t1"]]
+    return metrics
+
+
+def test_a_key_of_the_wrong_tenant_refuses_and_writes_nothing(ready: Services) -> None:
+    services = ready
+    services.kms.create_key(SCHEDULER_KEY, tenant="org-b", principal=Principal.system("test"))
+    job_id = _submit(services)
+    before = _counts(services)
+    with pytest.raises(Exception) as caught:
+        scheduler(services).schedule(job_id, Principal.system("test"))
+    assert getattr(caught.value, "code", None) == "scheduler.bad_key"
+    assert _counts(services) == before
+    with services.db.read() as s:
+        assert s.scalar(select(ManifestRow.status).where(ManifestRow.job_id == job_id)) == "pending"
