@@ -1,7 +1,8 @@
 """The FastAPI application. ``qai serve`` mounts every component; ``qai serve kms`` mounts one.
 
 Every component's router is thin; logic lives in each package's service module. Probes:
-``/healthz`` (the process is alive) and ``/readyz`` (database, object store and HSM reachable).
+``/healthz`` (the process is alive) and ``/readyz`` (database, object store, HSM and, when configured,
+the Redis job queue reachable).
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ def healthz() -> dict[str, str]:
 @health.get("/readyz")
 def readyz(svc: ServicesDep) -> JSONResponse:
     checks: dict[str, str] = {}
-    for name, probe in (("database", svc.db.ping), ("object_store", svc.objects.ping), ("hsm", svc.hsm.ping)):
+    probes = [("database", svc.db.ping), ("object_store", svc.objects.ping), ("hsm", svc.hsm.ping)]
+    if svc.settings.redis_url:
+        from scheduler.dispatch import job_queue
+
+        probes.append(("queue", lambda: job_queue(svc).ping()))
+    for name, probe in probes:
         try:
             probe()
             checks[name] = "ok"
@@ -78,7 +84,17 @@ def create_app(services: Services | None = None, components: Sequence[str] = COM
             from em_policy.api import warm_up
 
             warm_up(app.state.services)
-        yield
+        if "scheduler" in components:  # the embedded worker, or the reaper and redelivery sweep
+            from scheduler.dispatch import start_dispatch
+
+            start_dispatch(app.state.services)
+        try:
+            yield
+        finally:
+            if "scheduler" in components:
+                from scheduler.dispatch import close_dispatch
+
+                close_dispatch(app.state.services)
 
     app = FastAPI(
         title="qai",

@@ -43,7 +43,7 @@ ledger_app = typer.Typer(help="The run ledger (server side; auditors use `qai au
 
 
 def serve(
-    component: Annotated[str, typer.Argument(help="all, or one of: kms, ledger, jobs, em-policy")] = "all",
+    component: Annotated[str, typer.Argument(help="all, or one of: kms, ledger, jobs, em-policy, scheduler")] = "all",
     host: str = "127.0.0.1",
     port: int = 8000,
     workers: int = 1,
@@ -170,6 +170,8 @@ def register(app: typer.Typer) -> None:
     from harness.backends_cli import backends_app
     from harness.cli import harness_app
     from kms.cli import keys_app, kms_app
+    from scheduler.cli import scheduler_app
+    from scheduler.worker_cli import worker
 
     app.command("serve")(serve)
     app.add_typer(db_app, name="db")
@@ -181,4 +183,6 @@ def register(app: typer.Typer) -> None:
     app.add_typer(backends_app, name="backends")
     app.add_typer(harness_app, name="harness")
     app.add_typer(policy_app, name="policy")
+    app.add_typer(scheduler_app, name="scheduler")
+    app.command("worker")(worker)
     app.command("demo")(demo)

@@ -45,9 +45,23 @@ async def submit_batch(request: Request, svc: ServicesDep, who: PrincipalDep) ->
         for r in results]}
 
 
-@router.get("/{job_id}", summary="A job: envelope, status, storage locations and ledger index")
+@router.get("/{job_id}", summary="A job: envelope, status, storage, ledger index, its decisions and execution")
 def get_job(job_id: str, svc: ServicesDep, who: PrincipalDep) -> dict[str, Any]:
-    return svc.jobs.get(job_id, who)
+    from scheduler.service import scheduler
+    from scheduler.worker import job_execution
+
+    job = svc.jobs.get(job_id, who)
+    return {**job, "decisions": scheduler(svc).for_job(job_id), "execution": job_execution(svc, job_id)}
+
+
+@router.post("/{job_id}/cancel", summary="Cancel a pending or queued job (a running or finished one: 409)")
+def cancel_job(job_id: str, svc: ServicesDep, who: PrincipalDep) -> dict[str, Any]:
+    from orchestrator.auth import Role
+    from scheduler.dispatch import cancel
+
+    tenant = svc.jobs.get(job_id, who)["tenant"]  # job.not_found unless the caller may read it
+    who.require(tenant, Role.SUBMITTER, Role.OPERATOR, action="cancelling a job")
+    return {"job_id": job_id, "cancelled": cancel(svc, job_id), "status": "cancelled"}
 
 
 @router.get("", summary="Jobs, oldest first, with cursor pagination")

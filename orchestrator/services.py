@@ -66,6 +66,9 @@ class Services:
     extras: dict[str, object] = field(default_factory=dict)
 
     def close(self) -> None:
+        from scheduler.dispatch import close_dispatch
+
+        close_dispatch(self)  # the embedded worker writes through everything below
         self.uploader.close()
         self.ledger.close()
         self.kms.close()

@@ -50,6 +50,8 @@ class Settings(BaseSettings):
         default=3650, ge=1,
         description="COMPLIANCE retention (days) given to write-once objects when the bucket has Object Lock.")
     redis_url: str | None = None
+    redis_prefix: str = Field(default="qai", min_length=1, max_length=64,
+                              description="Prefix of every Redis key of the job queue.")
     mlflow_tracking_uri: str | None = Field(
         default=None, description="MLflow tracking/registry URI; default: SQLite under home/mlflow.")
 
@@ -83,6 +85,29 @@ class Settings(BaseSettings):
         default=10.0, ge=0, description="Checkpoint this often when the log grew (0: only by count).")
     ledger_key_name: str = "qai.ledger-checkpoint"
     ledger_suite: str = "ML-DSA-65+ECDSA-P256"
+
+    # Dispatch and workers (scheduler/dispatch.py, scheduler/worker.py)
+    worker_lease_seconds: float = Field(
+        default=30.0, ge=1.0,
+        description="A running job's lease; its worker renews it every third of this. A job whose lease "
+                    "expired is retried or failed by the reaper.")
+    worker_max_attempts: int = Field(default=3, ge=1, le=100,
+                                     description="Attempts a job gets (a lost worker or a fault costs one).")
+    worker_job_timeout_seconds: float = Field(default=3600.0, gt=0,
+                                              description="A job still running after this fails (worker.timeout).")
+    worker_poll_seconds: float = Field(default=1.0, gt=0, le=60,
+                                       description="How long an idle worker waits on the queue at a time.")
+    worker_redeliver_after_seconds: float = Field(
+        default=30.0, ge=0,
+        description="A queued job missing from the queue this long after it was enqueued is enqueued again.")
+    worker_embedded: bool = Field(
+        default=True, description="Without Redis: qai serve runs queued jobs on a worker thread (start_dispatch).")
+    worker_vendor_urls: dict[str, str] = Field(
+        default_factory=dict,
+        description='Adapter kind -> vendor API base URL, e.g. {"ibm-like": "https://..."}. A backend whose '
+                    "adapter has none runs on the local Aer simulator of its calibration snapshot.")
+    worker_vendor_tokens: dict[str, SecretStr] = Field(default_factory=dict,
+                                                       description="Adapter kind -> vendor API token.")
 
     # HTTP
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024)

@@ -31,7 +31,7 @@ from sqlalchemy.types import BigInteger
 
 from orchestrator.auth import Principal, Role, get_tenant
 from orchestrator.db import Base, JSONType, UTCDateTime, insert_rows, utcnow
-from scheduler.engine import DEFAULT_CONFIG, Plugin, decide, prefilter, profile, rejections
+from scheduler.engine import DEFAULT_CONFIG, PRIORITY_CLASSES, Plugin, decide, prefilter, profile, rejections
 from scheduler.plugins import resolve
 from sdk.canonical import canonical_json
 from sdk.dsse import envelope_bytes, envelope_from_bundle, pae, parse_envelope, verify_envelope
@@ -151,8 +151,14 @@ def tenant_profile(policy: Mapping[str, Any]) -> tuple[list[Plugin], dict[str, A
 @dataclass
 class _Catalog:
     backends: list[dict[str, Any]]
-    backlog: dict[str, float]
+    backlog: dict[tuple[str, str], float]  # (backend, priority class) -> expected run seconds queued
     read_at: float
+
+    def ahead_of(self, backend_id: str, priority_class: str) -> float:
+        """Seconds of qai's queued work a job of ``priority_class`` waits behind on the backend:
+        workers take the classes strictly in order, so only its own class and the ones above count."""
+        rank = PRIORITY_CLASSES.index(priority_class)
+        return sum(self.backlog.get((backend_id, c), 0.0) for c in PRIORITY_CLASSES[:rank + 1])
 
 
 class Scheduler:
@@ -177,17 +183,17 @@ class Scheduler:
             self._catalog = _Catalog(backends, self.backlog(), time.monotonic())
             return self._catalog
 
-    def backlog(self) -> dict[str, float]:
-        """Expected run seconds of the jobs qai has queued or running on each backend."""
+    def backlog(self) -> dict[tuple[str, str], float]:
+        """Expected run seconds of the jobs qai has queued or running, per backend and priority class."""
         from orchestrator.jobs import ManifestRow
 
         with self.svc.db.read() as s:
             rows = s.execute(
-                select(DecisionRow.chosen_backend, func.sum(DecisionRow.run_seconds))
+                select(DecisionRow.chosen_backend, ManifestRow.priority_class, func.sum(DecisionRow.run_seconds))
                 .join(ManifestRow, ManifestRow.job_id == DecisionRow.job_id)
                 .where(ManifestRow.status.in_(("queued", "running")), DecisionRow.chosen_backend.is_not(None))
-                .group_by(DecisionRow.chosen_backend)).all()
-        return {str(b): float(sec or 0.0) for b, sec in rows}
+                .group_by(DecisionRow.chosen_backend, ManifestRow.priority_class)).all()
+        return {(str(b), str(c)): float(sec or 0.0) for b, c, sec in rows}
 
     def gather(self, manifest: RunManifest, row: ManifestRow, plugins: Sequence[Plugin],
                prof: Mapping[str, Any], policy: Mapping[str, Any], now: datetime) -> dict[str, Any]:
@@ -205,7 +211,7 @@ class Scheduler:
                 "backend_id": b["backend_id"], "cost_per_shot": float(b["cost_per_shot"]),
                 "availability": float(b["availability"]), "status": b["status"],
                 "queue_wait_seconds": round(float(queue.get("mean_wait_seconds", 0.0))
-                                            + cat.backlog.get(b["backend_id"], 0.0), 6),
+                                            + cat.ahead_of(b["backend_id"], job["priority_class"]), 6),
                 "calibration_snapshot_id": b["last_calibration_id"], "capabilities": b["capabilities"],
                 "prediction": None, "prediction_error": None})
         config = prof["config"]

@@ -4,6 +4,7 @@ signed, stored, ledgered and replayable; bad input and tampering are caught with
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,6 +63,16 @@ def _submit(services: Services, **fields: Any) -> str:
     return services.jobs.submit(env.to_bytes(), Principal(subject="t", role=Role.SUBMITTER, tenant=m.tenant)).job_id
 
 
+def _wait_for(c: httpx.Client, job_id: str, status: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 300
+    while True:
+        job = c.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] == status:
+            return dict(job)
+        assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
+        time.sleep(0.2)
+
+
 def _hash(qasm: str) -> str:
     from sdk.manifest import qasm_sha256
 
@@ -69,8 +80,11 @@ def _hash(qasm: str) -> str:
 
 
 def _counts(services: Services) -> tuple[int, int]:
+    """Decision rows and decision ledger entries (the embedded worker ledgers results meanwhile)."""
     with services.db.read() as s:
-        return int(s.scalar(select(func.count()).select_from(DecisionRow)) or 0), services.ledger.size()
+        rows = int(s.scalar(select(func.count()).select_from(DecisionRow)) or 0)
+    entries = services.ledger.entries(0, services.ledger.size())
+    return rows, sum(e.type == "scheduler-decision" for e in entries)
 
 
 def test_schedule_sign_ledger_replay_and_reject_over_http(ready: Services) -> None:
@@ -104,6 +118,12 @@ def test_schedule_sign_ledger_replay_and_reject_over_http(ready: Services) -> No
             if not b["eligible"]:
                 rejects = [f for f in b["filters"] if f["verdict"] == "reject"]
                 assert [f["plugin"] for f in rejects] == ["prediction"] and "em_policy." in rejects[0]["reason"]
+        # the embedded worker runs it on the chosen backend with the chosen method; the job shows it
+        job = _wait_for(c, job_id, "completed")
+        assert job["decisions"] == [out["decision_id"]]
+        assert job["execution"]["backend_id"] == chosen["backend_id"]
+        assert job["execution"]["em_method"] == chosen["em_method"]
+        assert job["execution"]["result"]["ledger_index"] > out["receipt"]["index"]
         # idempotent: the same job gets the same decision back
         again = c.post("/v1/schedule", json={"job_id": job_id})
         assert again.status_code == 200 and again.json()["decision_id"] == out["decision_id"], again.text
@@ -248,3 +268,29 @@ def test_a_key_of_the_wrong_tenant_refuses_and_writes_nothing(ready: Services) -
     assert _counts(services) == before
     with services.db.read() as s:
         assert s.scalar(select(ManifestRow.status).where(ManifestRow.job_id == job_id)) == "pending"
+
+
+def test_queue_wait_counts_only_work_a_job_cannot_overtake(ready: Services) -> None:
+    """Workers take priority classes strictly in order: a critical job waits behind no background
+    work qai has queued, a background job behind all of it."""
+    services = ready
+    system = Principal.system("test")
+    first = scheduler(services).schedule(_submit(services, priority_class="background"), system)
+    chosen = first.body["chosen"]["backend_id"]
+    run = next(b for b in first.document["inputs"]["backends"]
+               if b["backend_id"] == chosen)["prediction"]["estimated_seconds"]
+    assert run > 0
+    urgent = scheduler(services).schedule(_submit(services, priority_class="critical"), system)
+    later = scheduler(services).schedule(_submit(services, priority_class="background"), system)
+
+    def wait(d: Any) -> float:
+        return float(next(b for b in d.document["inputs"]["backends"] if b["backend_id"] == chosen)
+                     ["queue_wait_seconds"])
+
+    base = wait(first)  # nothing was queued yet: the catalog's mean wait alone
+    assert wait(urgent) == base
+    assert wait(later) >= base + run
+    with services.db.read() as s:  # no worker runs in this process: all three wait in the queue
+        statuses = s.scalars(select(ManifestRow.status).where(ManifestRow.job_id.in_(
+            [first.job_id, urgent.job_id, later.job_id]))).all()
+    assert sorted(statuses) == ["queued"] * 3
