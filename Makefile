@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := softhsm2 opensc
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup system-packages services demo test lint typecheck bench bench-kms bench-ledger bench-ingest bench-harness bench-nightly bench-policy clean
+.PHONY: setup system-packages services demo test lint typecheck bench bench-kms bench-ledger bench-ingest bench-harness bench-nightly bench-policy bench-scheduler clean
 
 setup: system-packages $(STAMP)
 
@@ -59,7 +59,7 @@ lint:
 typecheck:
 	$(VENV)/bin/mypy
 
-bench: bench-kms bench-ledger bench-ingest bench-harness bench-nightly bench-policy
+bench: bench-kms bench-ledger bench-ingest bench-harness bench-nightly bench-policy bench-scheduler
 
 bench-kms: setup services
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }
@@ -81,6 +81,10 @@ POLICY_DATA ?= .qai/policy-data/train.parquet
 bench-policy: setup
 	[ -f $(POLICY_DATA) ] || $(VENV)/bin/qai harness run --circuits-per-family 4 --no-store --out $(POLICY_DATA)
 	$(PY) bench/policy_bench.py --data $(POLICY_DATA) $(if $(POLICY_BUNDLE),--bundle $(POLICY_BUNDLE))
+
+# Scheduling over HTTP with 50 backends; trains a small policy on the test dataset (made on first use).
+bench-scheduler: setup
+	$(PY) bench/scheduler_bench.py
 
 bench-nightly: setup
 	rm -rf .qai-nightly

@@ -142,7 +142,9 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="qai-scheduler-bench-"))
     print(f"preparing {BACKENDS} backends, a policy and {args.jobs} jobs in {home} ...", flush=True)
     token, ids, predict = prepare(home, data, args.jobs)
-    env = {**os.environ, "QAI_HOME": str(home)}
+    # Workers run elsewhere in production; an embedded one here would execute the scheduled jobs in
+    # the measured process and time the simulator, not the scheduler.
+    env = {**os.environ, "QAI_HOME": str(home), "QAI_WORKER_EMBEDDED": "false"}
     with qai_serve("all", "--workers", "1", env=env) as url, \
             httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
         warm, measured = ids[:args.warmup], ids[args.warmup:]

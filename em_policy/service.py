@@ -215,45 +215,71 @@ class PolicyService:
         return self.predict_many([request])[0]
 
     def predict_many(self, requests: Sequence[PredictRequest]) -> list[Prediction]:
+        """One prediction per request; the first request that cannot be answered raises its error."""
+        out = []
+        for p in self.predict_each(requests):
+            if isinstance(p, QaiError):
+                raise p
+            out.append(p)
+        return out
+
+    def predict_each(self, requests: Sequence[PredictRequest]) -> list[Prediction | QaiError]:
+        """One prediction, or the error that refuses it, per request: the model runs once over the
+        requests it can answer (the scheduler asks about one circuit on many backends at once, and
+        some of them may not fit). An error that is not the request's (no model) still raises."""
         version, model = self.model()
         rows: list[dict[str, float]] = []
         ratios: list[float] = []
         notes: list[list[str]] = []
         outside: list[bool] = []
         contexts = []
-        for req in requests:
-            snap = self.snapshot(req.backend_id, req.calibration_snapshot_id)
-            check_snapshot(model, snap)
-            ratio = budget_ratio(req.shots, req.shot_budget)
-            features = self.features(req, snap)
-            if features["feat_num_qubits"] > snap.num_qubits:
-                raise QaiError("em_policy.circuit_too_large", f"{features['feat_num_qubits']:g} qubits do not fit "
-                               f"{snap.backend_id} ({snap.num_qubits})", status=422)
-            warnings = model.range_check(features)
-            outside.append(bool(warnings))
-            seconds_per_shot = shot_seconds(snap, features)
-            if req.latency_budget_seconds is not None:
-                if not (math.isfinite(req.latency_budget_seconds) and 0 < req.latency_budget_seconds <= 1e9):
-                    raise QaiError("em_policy.invalid_budget", "latency_budget_seconds must be positive", status=422)
-                cap = req.latency_budget_seconds / (req.shots * seconds_per_shot)
-                if cap < 1:
-                    warnings.append(f"even the unmitigated run (about {req.shots * seconds_per_shot:.3g} s) exceeds "
-                                    "the latency budget")
-                ratio = max(1.0, min(ratio, cap))
-            rows.append(model.with_history(features, snap.id))
+        results: list[Prediction | QaiError | None] = [None] * len(requests)
+        for i, req in enumerate(requests):
+            try:
+                row, ratio, warnings, context = self._prepare(req, model)
+            except QaiError as err:
+                if err.status >= 500:
+                    raise
+                results[i] = err
+                continue
+            rows.append(row)
             ratios.append(ratio)
             notes.append(warnings)
-            contexts.append((req, snap, features, seconds_per_shot))
-        decisions = model.decide(rows, ratios, notes, outside)
-        out = []
-        for d, (req, snap, features, sps) in zip(decisions, contexts, strict=True):
+            outside.append(bool(warnings))
+            contexts.append((i, *context))
+        decisions = model.decide(rows, ratios, notes, outside) if rows else []
+        for d, (i, req, snap, features, sps) in zip(decisions, contexts, strict=True):
             shots = math.ceil(req.shots * d.shot_multiplier)
-            out.append(Prediction(
+            results[i] = Prediction(
                 method=d.method, params=method_params(d.method, model, version), shot_multiplier=d.shot_multiplier,
                 expected_fidelity=d.expected_fidelity, confidence=d.confidence, model_version=version,
                 calibration_snapshot_id=snap.id, estimated_shots=shots, estimated_seconds=shots * sps,
-                alternatives=[Alternative(**a) for a in d.alternatives], warnings=d.warnings, features=features))
-        return out
+                alternatives=[Alternative(**a) for a in d.alternatives], warnings=d.warnings, features=features)
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+    def _prepare(self, req: PredictRequest, model: PolicyModel
+                 ) -> tuple[dict[str, float], float, list[str], tuple[PredictRequest, CalibrationSnapshot,
+                                                                    dict[str, float], float]]:
+        """A request's model row, budget ratio and warnings, or the error that refuses it."""
+        snap = self.snapshot(req.backend_id, req.calibration_snapshot_id)
+        check_snapshot(model, snap)
+        ratio = budget_ratio(req.shots, req.shot_budget)
+        features = self.features(req, snap)
+        if features["feat_num_qubits"] > snap.num_qubits:
+            raise QaiError("em_policy.circuit_too_large", f"{features['feat_num_qubits']:g} qubits do not fit "
+                           f"{snap.backend_id} ({snap.num_qubits})", status=422)
+        warnings = model.range_check(features)
+        seconds_per_shot = shot_seconds(snap, features)
+        if req.latency_budget_seconds is not None:
+            if not (math.isfinite(req.latency_budget_seconds) and 0 < req.latency_budget_seconds <= 1e9):
+                raise QaiError("em_policy.invalid_budget", "latency_budget_seconds must be positive", status=422)
+            cap = req.latency_budget_seconds / (req.shots * seconds_per_shot)
+            if cap < 1:
+                warnings.append(f"even the unmitigated run (about {req.shots * seconds_per_shot:.3g} s) exceeds "
+                                "the latency budget")
+            ratio = max(1.0, min(ratio, cap))
+        return model.with_history(features, snap.id), ratio, warnings, (req, snap, features, seconds_per_shot)
 
 
 def budget_ratio(shots: int, shot_budget: int) -> float:

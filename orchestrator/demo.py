@@ -170,7 +170,10 @@ def run_demo(svc: Services, *, as_json: bool = False) -> dict[str, Any]:
     _step(8, "EM harness: 3 families × 3 calibrated devices × 4 methods, signed dataset in the ledger", quiet)
     out["harness"] = _harness(svc, quiet)
 
-    _step(9, "Ledger: signed checkpoint, inclusion receipt verified offline, bundle exported", quiet)
+    _step(9, "Scheduler: a signed decision from the EM policy and the calibrations, a worker runs the job", quiet)
+    out["scheduled"] = _schedule(svc, signer, auditor, quiet)
+
+    _step(10, "Ledger: signed checkpoint, inclusion receipt verified offline, bundle exported", quiet)
     with _serve(svc) as url, Client(url, auditor) as audit_client:
         receipt = receipts[-1]
         ledger_key = audit_client.ledger_key()
@@ -192,7 +195,7 @@ def run_demo(svc: Services, *, as_json: bool = False) -> dict[str, Any]:
         console.print(f"  [green]receipt of entry {receipt.index} verified offline[/] (leaf, checkpoint, inclusion)")
         console.print(f"  exported {exported} entries to {bundle_dir}")
 
-    _step(10, "Offline audit of the exported bundle: qai audit verify --bundle", quiet)
+    _step(11, "Offline audit of the exported bundle (decisions replayed): qai audit verify --bundle", quiet)
     cmd = [sys.executable, "-m", "sdk.cli", "audit", "verify", "--bundle", str(bundle_dir),
            "--keys", str(keys_file), "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -235,6 +238,84 @@ def _harness(svc: Services, quiet: bool) -> dict[str, Any]:
                       f"ledgered at index {record.ledger_index}")
     return {"run_id": record.run_id, "rows": record.rows, "parquet": record.parquet_path,
             "ledger_index": record.ledger_index}
+
+
+def _schedule(svc: Services, signer: str, auditor: str, quiet: bool) -> dict[str, Any]:
+    """Train the EM policy on a harness run (unless a champion exists), then a job's whole path:
+    signed manifest → signed decision → execution by the embedded worker → signed result."""
+    from em_policy import registry
+    from em_policy.policy import TrainConfig
+    from em_policy.training import train_and_register
+    from harness.backends import import_catalog
+    from sdk.manifest import new_manifest
+
+    import_catalog(svc.db)  # every catalog device is a candidate, not only the three the harness ran on
+    try:
+        model = registry.resolve(svc, "champion")
+        model_version = f"{model.name}/{model.version}"
+    except QaiError:  # first run: a harness dataset big enough to train on (about a minute), then the policy
+        from harness.run import RunConfig
+        from harness.service import resolve_snapshots, run_harness
+
+        if not quiet:
+            console.print("  no policy model yet: a training workload on 4 devices, then training (first run only)")
+        config = RunConfig(qubits=(2, 3, 4), circuits_per_family=2, shots=2000, seed=7,
+                           methods=("unmitigated", "readout", "zne-linear-global", "zne-richardson-global",
+                                    "zne-exp-global"))
+        snapshots = resolve_snapshots(svc, ["fake_manila", "fake_nairobi", "fake_guadalupe", "fake_kolkata"])
+        record = run_harness(svc, config, snapshots, workers=2, quiet=quiet).record
+        assert record is not None
+        data = svc.settings.home / "demo-train.parquet"
+        data.write_bytes(svc.objects.get(record.parquet_path))
+        trained = train_and_register([str(data)], TrainConfig(seed=2026, holdout_backends=("fake_nairobi",),
+                                                               ensemble=2), quiet=True, svc=svc)
+        model_version = str(trained["version"])
+    qasm = ('OPENQASM 3.0;\ninclude "stdgates.inc";\nqubit[3] q;\nbit[3] c;\nh q[0];\ncx q[0], q[1];\n'
+            'cx q[1], q[2];\nc = measure q;\n')
+    manifest = new_manifest(qasm=qasm, tenant=TENANT, shots=2000, crypto_mode="hybrid", em_method="auto",
+                            priority_class="essential", sla={"max_latency_seconds": 3600}, seed=2026,
+                            labels={"demo": "scheduled"})
+    with _serve(svc) as url, Client(url, signer) as client, Client(url, auditor) as reader:
+        submitted = client.submit_job(client.sign_manifest(manifest, KEY))
+        decided = client.schedule(submitted["job_id"])
+        done = client.wait_job(submitted["job_id"], timeout=600)
+        svc.ledger.checkpoint()
+        decision_receipt = reader.ledger_receipt(decided["receipt"]["index"])
+        result_index = done["execution"]["result"]["ledger_index"] if done["execution"]["result"] else None
+        result_receipt = reader.ledger_receipt(result_index) if result_index is not None else None
+        replayed = reader.replay_decision(decided["decision_id"])
+    ledger_key = svc.ledger.checkpoint_key()
+    for r in (decision_receipt, result_receipt):
+        if r is not None:
+            verify_receipt(r, ledger_key)
+    body = decided["decision"]
+    chosen = body["chosen"]
+    out = {"job_id": submitted["job_id"], "decision_id": decided["decision_id"], "model_version": model_version,
+           "chosen": chosen, "confidence": body["confidence"], "status": done["status"],
+           "decision_ledger_index": decided["receipt"]["index"], "result_ledger_index": result_index,
+           "replay_ok": replayed["ok"], "attempts": len(done["execution"]["attempts"])}
+    if not quiet:
+        rows = sorted(body["backends"], key=lambda b: -b.get("normalized_score", -1.0))
+        table(f"decision {decided['decision_id'][:8]}… (policy {model_version})", ["backend", "eligible", "score",
+                                                                                 "rejected by"],
+              [(b["backend_id"], "yes" if b["eligible"] else "no",
+                f"{b['normalized_score']:.3f}" if "normalized_score" in b else "-",
+                "; ".join(f"{f['plugin']}: {f['reason']}" for f in b["filters"] if f["verdict"] == "reject")[:70])
+               for b in rows])
+        console.print(f"  chosen {chosen['backend_id']} ({chosen['calibration_snapshot_id'][:40]}…) with "
+                      f"{chosen['em_method']}, x{chosen['shot_multiplier']:.2f} shots, expected fidelity "
+                      f"{chosen['expected_fidelity']:.3f}, confidence {body['confidence']:.2f}")
+        console.print(f"  {body['rationale']}")
+        console.print(f"  job {submitted['job_id'][:8]}… pending → queued → running → [bold]{done['status']}[/] "
+                      f"in {out['attempts']} attempt(s); decision ledgered at {out['decision_ledger_index']}, "
+                      f"result at {result_index}; both receipts verified offline")
+        state = "[green]byte-identical[/]" if replayed["ok"] else "[red]DIFFERS[/]"
+        console.print(f"  replay from the recorded inputs: {state}; inputs re-derived: "
+                      f"{sum(c['ok'] for c in replayed['checks'])}/{len(replayed['checks'])}")
+    if done["status"] != "completed" or not replayed["ok"]:
+        raise QaiError("demo.schedule_failed", f"the scheduled job ended {done['status']}", status=500,
+                       details={"job": done.get("execution"), "replay": replayed})
+    return out
 
 
 def _ghz(n: int) -> Any:

@@ -60,7 +60,7 @@ def cancel_job(job_id: str, svc: ServicesDep, who: PrincipalDep) -> dict[str, An
     from scheduler.dispatch import cancel
 
     tenant = svc.jobs.get(job_id, who)["tenant"]  # job.not_found unless the caller may read it
-    who.require(tenant, Role.SUBMITTER, Role.OPERATOR, action="cancelling a job")
+    who.require(tenant, Role.SUBMITTER, Role.SIGNER, Role.OPERATOR, action="cancelling a job")
     return {"job_id": job_id, "cancelled": cancel(svc, job_id), "status": "cancelled"}
 
 

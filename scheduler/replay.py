@@ -121,14 +121,17 @@ def rederive(svc: Services, document: Mapping[str, Any]) -> list[Check]:
     inputs = document["inputs"]
     job, qasm = _job(svc, inputs)
     checks = [job]
+    asked = []  # the backends the policy was asked about, in the order of the original batch
     for b in inputs["backends"]:
         snapshot_id = b.get("calibration_snapshot_id")
         if not snapshot_id:
             continue
         snap = _snapshot(svc, b["backend_id"], snapshot_id)
         checks.append(snap)
-        if qasm is not None and snap.ok and (b.get("prediction") or b.get("prediction_error")):
-            checks.append(_prediction(svc, qasm, inputs["job"], b))
+        if snap.ok and (b.get("prediction") or b.get("prediction_error")):
+            asked.append(b)
+    if qasm is not None and asked:
+        checks += _predictions(svc, qasm, inputs["job"], asked)
     return checks
 
 
@@ -170,27 +173,34 @@ def _snapshot(svc: Services, backend_id: str, snapshot_id: str) -> Check:
     return Check(f"snapshot:{backend_id}", True, "content matches its id")
 
 
-def _prediction(svc: Services, qasm: str, job: Mapping[str, Any], backend: Mapping[str, Any]) -> Check:
-    """The backend's prediction recomputed by the model version it names (a recorded error: by the
-    serving model, since an error names no version)."""
+def _predictions(svc: Services, qasm: str, job: Mapping[str, Any], asked: list[Mapping[str, Any]]) -> list[Check]:
+    """The predictions recomputed in one batch, as they were made, by the model version they name
+    (a decision asks one model about every backend; with only errors recorded, the serving one)."""
     from scheduler.service import Scheduler, scheduler
 
-    name = f"prediction:{backend['backend_id']}"
-    recorded = backend.get("prediction")
-    version = recorded["model_version"] if recorded is not None else None
-    again: dict[str, Any] = {"calibration_snapshot_id": backend["calibration_snapshot_id"], "prediction": None,
-                             "prediction_error": None}
+    versions = {b["prediction"]["model_version"] for b in asked if b.get("prediction")}
+    if len(versions) > 1:
+        return [Check("predictions", False, f"one decision names several model versions: {sorted(versions)}")]
+    version = versions.pop() if versions else None
+    again: list[dict[str, Any]] = [{"calibration_snapshot_id": b["calibration_snapshot_id"], "prediction": None,
+                                    "prediction_error": None} for b in asked]
     try:
-        Scheduler.predict(scheduler(svc).policy(version), qasm, job, [again])
+        Scheduler.predict(scheduler(svc).policy(version), qasm, job, again)
     except QaiError as exc:
-        return Check(name, False, f"cannot recompute: {exc.code}: {exc.message}")
-    if recorded is None:
-        ok = again["prediction_error"] is not None and \
-            again["prediction_error"]["code"] == backend["prediction_error"]["code"]
-        return Check(name, ok, "the same error recomputes" if ok else f"recomputes to {again}")
-    path = f"$.inputs.backends[{backend['backend_id']}].prediction"
-    differences = [d for d in diff(recorded, again["prediction"], path) if not _close(d)]
-    return Check(name, not differences, _describe(differences) or f"recomputed by {version}")
+        return [Check("predictions", False, f"cannot recompute: {exc.code}: {exc.message}")]
+    checks = []
+    for b, now in zip(asked, again, strict=True):
+        name = f"prediction:{b['backend_id']}"
+        recorded = b.get("prediction")
+        if recorded is None:
+            error = now["prediction_error"]
+            ok = error is not None and error["code"] == b["prediction_error"]["code"]
+            checks.append(Check(name, ok, "the same error recomputes" if ok else f"recomputes to {now}"))
+            continue
+        path = f"$.inputs.backends[{b['backend_id']}].prediction"
+        differences = [d for d in diff(recorded, now["prediction"], path) if not _close(d)]
+        checks.append(Check(name, not differences, _describe(differences) or f"recomputed by {version}"))
+    return checks
 
 
 def _close(d: Mapping[str, Any]) -> bool:

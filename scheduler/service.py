@@ -20,6 +20,7 @@ import json
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -51,6 +52,7 @@ SCHEDULER_KEY = "qai.scheduler"
 PREDICTION_FIELDS = ("method", "params", "shot_multiplier", "expected_fidelity", "confidence", "model_version",
                      "estimated_seconds")
 BACKENDS_TTL_SECONDS = 2.0  # the catalog and backlog a decision sees may be this old
+QUBITS_CACHE_SIZE = 4096
 
 
 class DecisionRow(Base):
@@ -169,6 +171,7 @@ class Scheduler:
         self._catalog: _Catalog | None = None
         self._lock = threading.Lock()
         self._key: str | None = None
+        self._qubits: OrderedDict[str, int] = OrderedDict()
 
     # ---------------------------------------------------------------------------------------- inputs
 
@@ -182,6 +185,29 @@ class Scheduler:
             backends = list_backends(self.svc.db)
             self._catalog = _Catalog(backends, self.backlog(), time.monotonic())
             return self._catalog
+
+    def _queued(self, backend_id: str, priority_class: str, seconds: float) -> None:
+        """Count a job this process just queued in the cached backlog: the next decision sees it
+        at once; other processes' decisions and finished jobs show at the next refresh."""
+        with self._lock:
+            cached = self._catalog
+            if cached is not None:
+                key = (backend_id, priority_class)
+                cached.backlog[key] = cached.backlog.get(key, 0.0) + seconds
+
+    def num_qubits(self, manifest: RunManifest, qasm: str) -> int:
+        """Qubits of the job's circuit, parsed once per circuit digest (jobs resubmit circuits)."""
+        from em_policy.features import parse_qasm
+
+        digest = manifest.circuit.digest
+        n = self._qubits.get(digest)
+        if n is None:
+            n = parse_qasm(qasm).num_qubits
+            with self._lock:
+                self._qubits[digest] = n
+                while len(self._qubits) > QUBITS_CACHE_SIZE:
+                    self._qubits.popitem(last=False)
+        return n
 
     def backlog(self) -> dict[tuple[str, str], float]:
         """Expected run seconds of the jobs qai has queued or running, per backend and priority class."""
@@ -198,10 +224,8 @@ class Scheduler:
     def gather(self, manifest: RunManifest, row: ManifestRow, plugins: Sequence[Plugin],
                prof: Mapping[str, Any], policy: Mapping[str, Any], now: datetime) -> dict[str, Any]:
         """The recorded inputs of a decision about ``manifest`` at ``now``."""
-        from em_policy.features import parse_qasm
-
         qasm = circuit_qasm(self.svc, manifest)
-        num_qubits = parse_qasm(qasm).num_qubits
+        num_qubits = self.num_qubits(manifest, qasm)
         job = job_fields(manifest, row.envelope_sha256, num_qubits, row.submitted_at, now)
         cat = self.catalog()
         records = []
@@ -231,19 +255,7 @@ class Scheduler:
     def predict(service: PolicyService, qasm: str, job: Mapping[str, Any], records: Sequence[dict[str, Any]]) -> None:
         """Fill each record's ``prediction`` (or ``prediction_error``) from ``service``."""
         requests = [_request(qasm, job, r["calibration_snapshot_id"]) for r in records]
-        try:
-            predictions: list[Any] = list(service.predict_many(requests))
-        except QaiError as err:
-            if not _per_backend(err):
-                raise
-            predictions = []  # one backend failed: ask one by one to learn which
-            for req in requests:
-                try:
-                    predictions.append(service.predict(req))
-                except QaiError as one:
-                    if not _per_backend(one):
-                        raise
-                    predictions.append(one)
+        predictions = service.predict_each(requests)  # server-side errors (no model) raise
         for r, p in zip(records, predictions, strict=True):
             if isinstance(p, QaiError):
                 r["prediction_error"] = {"code": p.code, "message": p.message}
@@ -265,7 +277,7 @@ class Scheduler:
             row = s.get(ManifestRow, job_id)
             if row is None or not principal.can_read(row.tenant):
                 raise QaiError("job.not_found", f"no job {job_id}", status=404, details={"job_id": job_id})
-            principal.require(row.tenant, Role.SUBMITTER, Role.OPERATOR, action="scheduling a job")
+            principal.require(row.tenant, Role.SUBMITTER, Role.SIGNER, Role.OPERATOR, action="scheduling a job")
             s.expunge(row)
             earlier = s.scalars(select(DecisionRow).where(DecisionRow.job_id == job_id,
                                                           DecisionRow.chosen_backend.is_not(None))).first()
@@ -341,7 +353,8 @@ class Scheduler:
                 "decision_manifest_path": path, "decision_sha256": digest, "ledger_index": first, "created_at": now}])
 
         indexed = self.svc.ledger.append([LedgerWrite([entry], before=before)])[0]
-        self._catalog = None  # the backlog changed
+        if chosen is not None:
+            self._queued(chosen["backend_id"], row.priority_class, float(run_seconds or 0.0))
         return Decision(decision_id, row.job_id, True, document, path, self.svc.ledger.receipt(indexed.index))
 
     def _dispatch(self, row: ManifestRow, decision: Decision) -> None:
@@ -411,14 +424,6 @@ def prediction_record(p: Any) -> dict[str, Any]:
     """The part of an EM policy prediction a decision depends on (features and alternatives are
     derived data: replay recomputes them from the manifest and the snapshot)."""
     return {f: getattr(p, f) for f in PREDICTION_FIELDS}
-
-
-def _per_backend(err: QaiError) -> bool:
-    """A client-side (4xx) prediction error is about the job on that backend (the circuit does not
-    fit it, its calibration lies outside what the model was trained on, its snapshot is too old):
-    the backend is filtered out with the reason. A server-side one (no model, registry down) fails
-    the whole request."""
-    return 400 <= err.status < 500
 
 
 def _request(qasm: str, job: Mapping[str, Any], snapshot_id: str) -> PredictRequest:

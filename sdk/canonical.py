@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from typing import Any
 
 import rfc8785
@@ -17,33 +19,76 @@ from sdk.errors import QaiError
 _MAX_SAFE_INTEGER = 2**53 - 1  # RFC 8785 §3.2.2.3: numbers are IEEE 754 doubles
 
 
-def _plain(value: Any) -> bool:
-    """True when ``json.dumps`` already writes the RFC 8785 bytes of ``value``: no floats (whose
-    ES6 form differs from Python's), integers a double holds exactly, and ASCII keys (so that
-    sorting by code point is sorting by UTF-16 code unit, section 3.2.3). String escaping agrees:
-    both use the two-character escapes (backspace, tab, newline, form feed, carriage return, quote,
-    backslash) and lowercase six-character escapes for the other control characters."""
+class _Slow(Exception):
+    """The value needs the reference serialiser (or is refused by it)."""
+
+
+# A float whose ES6 form Python's repr does not write is swapped for this marker around its index,
+# then the marker (quoted) for the ES6 text. A private-use character: a real string containing it
+# sends the whole value the long way, so a marker is never confused with data.
+_MARK = "\ue000"
+_MARKED = re.compile('"' + _MARK + '([0-9]+)' + _MARK + '"')
+
+
+def _es6(f: float) -> str:
+    """ECMA-262 Number::toString of a finite float (RFC 8785 section 3.2.2.3), via the reference."""
+    return rfc8785.dumps(f).decode()
+
+
+def _prepare(value: Any, floats: list[str]) -> Any:
+    """``value`` with every float made ``json.dumps``-safe: an integral one (below 2**53) becomes
+    the int ES6 writes the same way; one whose repr is already its ES6 form stays; any other is
+    marked. Raises :class:`_Slow` for what only the reference handles: a non-ASCII key (sorting by
+    code point is sorting by UTF-16 code unit only for ASCII, section 3.2.3), an integer a double
+    does not hold, NaN or infinity, a string containing the marker, a non-JSON type."""
     t = type(value)
-    if t is str or t is bool or value is None:
-        return True
+    if t is str:
+        if _MARK in value:
+            raise _Slow
+        return value
+    if t is bool or value is None:
+        return value
     if t is int:
-        return bool(-_MAX_SAFE_INTEGER <= value <= _MAX_SAFE_INTEGER)
+        if -_MAX_SAFE_INTEGER <= value <= _MAX_SAFE_INTEGER:
+            return value
+        raise _Slow
+    if t is float:
+        if not math.isfinite(value):
+            raise _Slow
+        if value.is_integer():
+            if abs(value) <= _MAX_SAFE_INTEGER:
+                return int(value)
+        elif 1e-4 <= abs(value) < 1e16:  # repr writes positional digits here, the shortest that round-trip, as ES6
+            return value
+        floats.append(_es6(value))
+        return f"{_MARK}{len(floats) - 1}{_MARK}"
     if t is dict:
-        return all(type(k) is str and k.isascii() and _plain(v) for k, v in value.items())
+        out = {}
+        for k, v in value.items():
+            if type(k) is not str or not k.isascii():
+                raise _Slow
+            out[k] = _prepare(v, floats)
+        return out
     if t is list:
-        return all(_plain(v) for v in value)
-    return False
+        return [_prepare(v, floats) for v in value]
+    raise _Slow
 
 
 def canonical_json(value: Any) -> bytes:
     """The RFC 8785 canonical UTF-8 bytes of a JSON value."""
-    if _plain(value):
-        # The common case (manifests, envelopes) in C: the pure-Python serialiser costs as much as
-        # an ML-DSA verification per document. Lone surrogates fail to encode and go the long way.
-        try:
-            return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode()
-        except UnicodeEncodeError:
-            pass
+    floats: list[str] = []
+    try:
+        prepared = _prepare(value, floats)
+        # The common case in C: the pure-Python serialiser costs as much as an ML-DSA verification
+        # per manifest, and tens of ms per scheduler decision. String escaping agrees: both use the
+        # two-character escapes (backspace, tab, newline, form feed, carriage return, quote,
+        # backslash) and lowercase six-character escapes for the other control characters.
+        text = json.dumps(prepared, ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        if floats:
+            text = _MARKED.sub(lambda m: floats[int(m.group(1))], text)
+        return text.encode()  # a lone surrogate fails here and goes the long way
+    except (_Slow, UnicodeEncodeError):
+        pass
     try:
         return rfc8785.dumps(value)
     except (rfc8785.CanonicalizationError, TypeError, ValueError) as exc:

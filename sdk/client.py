@@ -192,6 +192,38 @@ class Client:
         out: dict[str, Any] = self.get_json(f"/v1/jobs/{job_id}")
         return out
 
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        out: dict[str, Any] = self.request("POST", f"/v1/jobs/{job_id}/cancel").json()
+        return out
+
+    def wait_job(self, job_id: str, *, timeout: float = 600.0, poll: float = 0.5) -> dict[str, Any]:
+        """Poll until the job is completed, failed or cancelled; ``client.timeout`` (504) after ``timeout``."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.get_job(job_id)
+            if job["status"] in ("completed", "failed", "cancelled"):
+                return job
+            if time.monotonic() > deadline:
+                raise QaiError("client.timeout", f"job {job_id} is still {job['status']} after {timeout:g} s",
+                               status=504, details={"job_id": job_id, "status": job["status"]})
+            time.sleep(poll)
+
+    def schedule(self, job_id: str) -> dict[str, Any]:
+        """``POST /v1/schedule``: the signed decision (a job already scheduled gets its decision back)."""
+        out: dict[str, Any] = self.request("POST", "/v1/schedule", json={"job_id": job_id}).json()
+        return out
+
+    def decision(self, decision_id: str) -> dict[str, Any]:
+        out: dict[str, Any] = self.get_json(f"/v1/decisions/{decision_id}")
+        return out
+
+    def replay_decision(self, decision_id: str, *, deep: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = self.request("POST", f"/v1/decisions/{decision_id}/replay",
+                                           params={"deep": str(deep).lower()}).json()
+        return out
+
     def list_jobs(self, *, tenant: str | None = None, status: str | None = None, limit: int = 100,
                   cursor: str | None = None) -> dict[str, Any]:
         out: dict[str, Any] = self.get_json("/v1/jobs", tenant=tenant, status=status, limit=limit, cursor=cursor)
