@@ -236,16 +236,18 @@ class PolicyService:
         results: list[Prediction | QaiError | None] = [None] * len(requests)
         for i, req in enumerate(requests):
             try:
-                row, ratio, warnings, context = self._prepare(req, model)
+                row, ratio, warnings, out_of_range, context = self._prepare(req, model)
             except QaiError as err:
-                if err.status >= 500:
+                # a server-side error is not the request's, except a snapshot that no longer matches
+                # its id: that one backend's calibration is unusable, the others are not
+                if err.status >= 500 and err.code != "calibration.id_mismatch":
                     raise
                 results[i] = err
                 continue
             rows.append(row)
             ratios.append(ratio)
             notes.append(warnings)
-            outside.append(bool(warnings))
+            outside.append(out_of_range)
             contexts.append((i, *context))
         decisions = model.decide(rows, ratios, notes, outside) if rows else []
         for d, (i, req, snap, features, sps) in zip(decisions, contexts, strict=True):
@@ -259,9 +261,10 @@ class PolicyService:
         return results  # type: ignore[return-value]
 
     def _prepare(self, req: PredictRequest, model: PolicyModel
-                 ) -> tuple[dict[str, float], float, list[str], tuple[PredictRequest, CalibrationSnapshot,
-                                                                    dict[str, float], float]]:
-        """A request's model row, budget ratio and warnings, or the error that refuses it."""
+                 ) -> tuple[dict[str, float], float, list[str], bool,
+                            tuple[PredictRequest, CalibrationSnapshot, dict[str, float], float]]:
+        """A request's model row, budget ratio, warnings and whether its features lie outside the
+        training range (the latency warning below is not that), or the error that refuses it."""
         snap = self.snapshot(req.backend_id, req.calibration_snapshot_id)
         check_snapshot(model, snap)
         ratio = budget_ratio(req.shots, req.shot_budget)
@@ -270,6 +273,7 @@ class PolicyService:
             raise QaiError("em_policy.circuit_too_large", f"{features['feat_num_qubits']:g} qubits do not fit "
                            f"{snap.backend_id} ({snap.num_qubits})", status=422)
         warnings = model.range_check(features)
+        out_of_range = bool(warnings)
         seconds_per_shot = shot_seconds(snap, features)
         if req.latency_budget_seconds is not None:
             if not (math.isfinite(req.latency_budget_seconds) and 0 < req.latency_budget_seconds <= 1e9):
@@ -279,7 +283,8 @@ class PolicyService:
                 warnings.append(f"even the unmitigated run (about {req.shots * seconds_per_shot:.3g} s) exceeds "
                                 "the latency budget")
             ratio = max(1.0, min(ratio, cap))
-        return model.with_history(features, snap.id), ratio, warnings, (req, snap, features, seconds_per_shot)
+        return (model.with_history(features, snap.id), ratio, warnings, out_of_range,
+                (req, snap, features, seconds_per_shot))
 
 
 def budget_ratio(shots: int, shot_budget: int) -> float:

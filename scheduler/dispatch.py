@@ -387,29 +387,37 @@ def dispatch(svc: Services, job_id: str, decision_id: str, chosen: Mapping[str, 
     ``dispatch.bad_status`` (409). If the queue is down the job stays ``queued`` in the database
     and the redelivery sweep enqueues it later: the call still succeeds.
     """
-    _check_class(priority_class)
-    backend_id, em_method = _chosen_field(chosen, "backend_id"), _chosen_field(chosen, "em_method")
-    attempts = max_attempts or svc.settings.worker_max_attempts
-    manifests = _manifests()
-    now = utcnow()
     with svc.db.write() as s:
-        moved = affected(s, update(manifests).where(manifests.c.job_id == job_id, manifests.c.status == "pending")
-                         .values(status="queued"))
-        if moved == 1:
-            s.add(JobRunRow(job_id=job_id, decision_id=decision_id, priority_class=priority_class,
-                            backend_id=backend_id, em_method=em_method, attempt=0, max_attempts=attempts,
-                            enqueued_at=now))
-            status: str | None = "queued"
-        else:
-            status = s.scalar(select(manifests.c.status).where(manifests.c.job_id == job_id))
-            if status is None:
-                raise QaiError("job.not_found", f"no job {job_id}", status=404, details={"job_id": job_id})
-            run = s.get(JobRunRow, job_id)
-            if run is None or run.decision_id != decision_id:
-                raise QaiError("dispatch.bad_status", f"job {job_id} is {status}; only pending jobs are dispatched",
-                               status=409, details={"job_id": job_id, "status": status})
+        status = queue_rows(s, svc.settings, job_id, decision_id, chosen, priority_class, max_attempts=max_attempts)
     if status == "queued":
         deliver(svc, job_id, priority_class)
+
+
+def queue_rows(s: Session, settings: Settings, job_id: str, decision_id: str, chosen: Mapping[str, Any],
+               priority_class: str, *, max_attempts: int | None = None) -> str:
+    """The database half of :func:`dispatch`, in the caller's transaction (the scheduler writes it
+    with the decision, so a decision that chose a backend and a queued job commit together).
+    Returns the job's status; :func:`deliver` puts a ``queued`` job on the queue after the commit."""
+    _check_class(priority_class)
+    backend_id, em_method = _chosen_field(chosen, "backend_id"), _chosen_field(chosen, "em_method")
+    attempts = max_attempts or settings.worker_max_attempts
+    manifests = _manifests()
+    moved = affected(s, update(manifests).where(manifests.c.job_id == job_id, manifests.c.status == "pending")
+                     .values(status="queued"))
+    if moved == 1:
+        s.add(JobRunRow(job_id=job_id, decision_id=decision_id, priority_class=priority_class,
+                        backend_id=backend_id, em_method=em_method, attempt=0, max_attempts=attempts,
+                        enqueued_at=utcnow()))
+        s.flush()
+        return "queued"
+    status = s.scalar(select(manifests.c.status).where(manifests.c.job_id == job_id))
+    if status is None:
+        raise QaiError("job.not_found", f"no job {job_id}", status=404, details={"job_id": job_id})
+    run = s.get(JobRunRow, job_id)
+    if run is None or run.decision_id != decision_id:
+        raise QaiError("dispatch.bad_status", f"job {job_id} is {status}; only pending jobs are dispatched",
+                       status=409, details={"job_id": job_id, "status": status})
+    return str(status)
 
 
 def deliver(svc: Services, job_id: str, priority_class: str) -> bool:

@@ -133,6 +133,9 @@ def available() -> dict[str, Plugin]:
         plugin = ep.load()
         if not isinstance(plugin, Plugin):
             raise QaiError("scheduler.bad_plugin", f"entry point {ep.name} is not a scheduler Plugin", status=500)
+        if plugin.name in found:  # replay resolves by name: a shadowed built-in would replay as another function
+            raise QaiError("scheduler.bad_plugin", f"entry point {ep.name} reuses the plugin name {plugin.name!r}",
+                           status=500)
         found[plugin.name] = plugin
     return found
 

@@ -23,12 +23,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from scheduler.engine import decide
+from scheduler.engine import SchedulingError, decide
 from scheduler.plugins import resolve
 from sdk.canonical import canonical_json
 from sdk.dsse import parse_envelope
 from sdk.errors import QaiError
 from sdk.ledger import IndexedEntry
+from sdk.signing import parse_keyid
 
 if TYPE_CHECKING:
     from orchestrator.services import Services
@@ -87,9 +88,22 @@ def replay_document(document: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def audit_replay(entry: IndexedEntry, obj: bytes) -> None:
-    """The auditor's hook for ``scheduler-decision`` entries (its signatures are already checked)."""
-    document = json.loads(parse_envelope(obj).payload_bytes())
-    differences = replay_document(document)
+    """The auditor's hook for ``scheduler-decision`` entries. Their signatures are already checked
+    under a key of the entry's tenant; a decision must also be signed by the scheduler's own key
+    (not, say, the workers'), with the decision payload type."""
+    from scheduler.service import DECISION_PAYLOAD_TYPE, SCHEDULER_KEY
+
+    envelope = parse_envelope(obj)
+    signers = {parse_keyid(sig.keyid)[0] for sig in envelope.signatures}
+    if envelope.payload_type != DECISION_PAYLOAD_TYPE or signers != {SCHEDULER_KEY}:
+        raise QaiError("scheduler.decision_tampered", f"a scheduler decision must be a {DECISION_PAYLOAD_TYPE} "
+                       f"signed by {SCHEDULER_KEY}, not {envelope.payload_type} by {sorted(signers)}", status=409)
+    document = json.loads(envelope.payload_bytes())
+    try:
+        differences = replay_document(document)
+    except (SchedulingError, KeyError, TypeError) as exc:
+        raise QaiError("scheduler.replay_mismatch", f"decision {document.get('decision_id')} cannot be "
+                       f"recomputed: {exc}", status=409) from exc
     if differences:
         first = differences[0]
         raise QaiError("scheduler.replay_mismatch",
@@ -107,7 +121,7 @@ def replay(svc: Services, decision_id: str, *, deep: bool = True) -> ReplayRepor
     document = s.load(s.row(decision_id))
     try:
         differences = replay_document(document)
-    except (QaiError, KeyError, TypeError, ValueError) as exc:
+    except (QaiError, SchedulingError, KeyError, TypeError, ValueError) as exc:
         reason = exc.message if isinstance(exc, QaiError) else f"{type(exc).__name__}: {exc}"
         differences = [{"path": "$", "recorded": "<decision>", "recomputed": f"<cannot recompute: {reason}>"}]
     report = ReplayReport(decision_id, not differences, differences)
@@ -207,7 +221,8 @@ def _close(d: Mapping[str, Any]) -> bool:
     # The same model on the same features gives the same floats on one platform; allow the last
     # few bits a different BLAS could change, but no more.
     a, b = d["recorded"], d["recomputed"]
-    return isinstance(a, float) and isinstance(b, float) and math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0)
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (a, b))
+    return numbers and math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0)  # 1 (read back from 1.0) is close to 1.0
 
 
 def _describe(differences: list[dict[str, Any]]) -> str:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import Float, ForeignKey, String, func, select
@@ -32,8 +33,18 @@ from sqlalchemy.types import BigInteger
 
 from orchestrator.auth import Principal, Role, get_tenant
 from orchestrator.db import Base, JSONType, UTCDateTime, insert_rows, utcnow
-from scheduler.engine import DEFAULT_CONFIG, PRIORITY_CLASSES, Plugin, decide, prefilter, profile, rejections
-from scheduler.plugins import resolve
+from scheduler.engine import (
+    CRYPTO_RANK,
+    DEFAULT_CONFIG,
+    PRIORITY_CLASSES,
+    QKD_POLICIES,
+    Plugin,
+    decide,
+    prefilter,
+    profile,
+    rejections,
+)
+from scheduler.plugins import BUILTIN, resolve
 from sdk.canonical import canonical_json
 from sdk.dsse import envelope_bytes, envelope_from_bundle, pae, parse_envelope, verify_envelope
 from sdk.errors import QaiError
@@ -105,10 +116,20 @@ def circuit_qasm(svc: Services, manifest: RunManifest) -> str:
     if circuit.qasm is not None:
         return circuit.qasm
     assert circuit.path is not None and circuit.sha256 is not None  # the model guarantees one form
-    data = svc.objects.get(circuit.path)
+    # Only the tenant's own circuits: a path elsewhere would let a manifest probe other objects.
+    if not circuit.path.startswith(f"circuits/{manifest.tenant}/"):
+        raise QaiError("scheduler.bad_circuit", f"a stored circuit must be under circuits/{manifest.tenant}/",
+                       status=422, details={"path": circuit.path})
+    try:
+        data = svc.objects.get(circuit.path)
+    except QaiError as exc:
+        if exc.code != "object.not_found":
+            raise
+        raise QaiError("scheduler.bad_circuit", f"no stored circuit {circuit.path}", status=422,
+                       details={"path": circuit.path}) from exc
     if "sha256:" + hashlib.sha256(data).hexdigest() != circuit.sha256:
-        raise QaiError("scheduler.circuit_mismatch", f"stored circuit {circuit.path} does not match the manifest",
-                       status=409, details={"path": circuit.path})
+        raise QaiError("scheduler.bad_circuit", f"stored circuit {circuit.path} does not match the manifest",
+                       status=422, details={"path": circuit.path})
     return data.decode()
 
 
@@ -118,10 +139,13 @@ def deadline_seconds(manifest: RunManifest, submitted_at: datetime, now: datetim
         return None
     left = []
     if manifest.sla.deadline is not None:
-        left.append((manifest.sla.deadline - now).total_seconds())
+        deadline = manifest.sla.deadline
+        if deadline.tzinfo is None:  # the manifest model accepts it; RFC 3339 without an offset is UTC here
+            deadline = deadline.replace(tzinfo=UTC)
+        left.append((deadline - now).total_seconds())
     if manifest.sla.max_latency_seconds is not None:
         left.append(manifest.sla.max_latency_seconds - (now - submitted_at).total_seconds())
-    return round(min(left), 6)
+    return round(min(left), 6) + 0.0  # + 0.0: never -0.0
 
 
 def job_fields(manifest: RunManifest, envelope_sha256: str, num_qubits: int, submitted_at: datetime,
@@ -136,18 +160,76 @@ def job_fields(manifest: RunManifest, envelope_sha256: str, num_qubits: int, sub
             "deadline_seconds": deadline_seconds(manifest, submitted_at, now), "backend_id": manifest.backend_id}
 
 
+def check_policy(policy: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The scheduler's fields of a tenant policy, checked: a misspelt value must not fail open
+    (an unknown minimum crypto mode read as classical, ``qkd: require`` ignored)."""
+    def bad(message: str, field: str) -> QaiError:
+        return QaiError("scheduler.bad_policy", f"the tenant's crypto policy: {message}", status=422,
+                        details={"field": field})
+
+    minimum = policy.get("min_crypto_mode")
+    if minimum is not None and minimum not in CRYPTO_RANK:
+        raise bad(f"min_crypto_mode must be one of {list(CRYPTO_RANK)}", "min_crypto_mode")
+    if policy.get("qkd") is not None and policy["qkd"] not in QKD_POLICIES:
+        raise bad(f"qkd must be one of {list(QKD_POLICIES)}", "qkd")
+    allowed = policy.get("allowed_backends")
+    if allowed is not None and not (isinstance(allowed, list) and all(isinstance(b, str) for b in allowed)):
+        raise bad("allowed_backends must be a list of backend ids", "allowed_backends")
+    return policy
+
+
 def tenant_profile(policy: Mapping[str, Any]) -> tuple[list[Plugin], dict[str, Any]]:
-    """The tenant's scheduler profile (``crypto_policy.scheduler``: plugin names and config), or the default."""
+    """The tenant's scheduler profile (``crypto_policy.scheduler``: plugin names and config), or the
+    default. A profile may add plugins and tune the config; it may not drop a built-in filter (the
+    crypto-mode filter above all: crypto-policy violations must stay at zero)."""
     configured = policy.get("scheduler") or {}
     if not isinstance(configured, dict):
         raise QaiError("scheduler.bad_profile", "the tenant's scheduler profile must be an object", status=422)
     plugins = resolve(configured.get("plugins"))
+    names = {p.name for p in plugins}
+    missing = [p.name for p in BUILTIN if p.kind == "filter" and p.name not in names]
+    if missing:
+        raise QaiError("scheduler.bad_profile", f"a profile must keep the built-in filters; it drops {missing}",
+                       status=422, details={"missing": missing})
     config = configured.get("config") or {}
-    unknown = sorted(set(config) - set(DEFAULT_CONFIG))
-    if unknown:
-        raise QaiError("scheduler.bad_profile", f"unknown scheduler config {unknown}", status=422,
-                       details={"known": sorted(DEFAULT_CONFIG)})
+    if not isinstance(config, dict):
+        raise QaiError("scheduler.bad_profile", "the profile's config must be an object", status=422)
+    for key, value in config.items():
+        check_config(key, value)
     return plugins, profile(plugins, config, str(configured.get("name", "default")))
+
+
+def check_config(key: str, value: Any) -> None:
+    """A config value has the type and shape of its default (numbers finite and not negative)."""
+    if key not in DEFAULT_CONFIG:
+        raise QaiError("scheduler.bad_profile", f"unknown scheduler config {key!r}", status=422,
+                       details={"known": sorted(DEFAULT_CONFIG)})
+    default = DEFAULT_CONFIG[key]
+    if isinstance(default, dict):
+        ok = isinstance(value, dict) and set(value) == set(default) and all(_number(v) for v in value.values())
+    else:
+        ok = _number(value)
+    if not ok:
+        raise QaiError("scheduler.bad_profile", f"scheduler config {key!r} must be shaped like {default!r}",
+                       status=422, details={"key": key})
+
+
+def _number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value) and value >= 0
+
+
+def check_job(job: Mapping[str, Any]) -> None:
+    """Fields a signed manifest can carry but no decision can record (JSON numbers are doubles)."""
+    from em_policy.policy import UNLIMITED_RATIO
+    from em_policy.service import MAX_SHOTS
+
+    deadline = job["deadline_seconds"]
+    if deadline is not None and not math.isfinite(deadline):
+        raise QaiError("scheduler.bad_manifest", "the manifest's SLA is not a finite time", status=422,
+                       details={"job_id": job["job_id"]})
+    if job["shot_budget"] > MAX_SHOTS * UNLIMITED_RATIO:
+        raise QaiError("scheduler.bad_manifest", f"shot_budget is above {MAX_SHOTS * UNLIMITED_RATIO:.0f}",
+                       status=422, details={"job_id": job["job_id"]})
 
 
 @dataclass
@@ -227,6 +309,7 @@ class Scheduler:
         qasm = circuit_qasm(self.svc, manifest)
         num_qubits = self.num_qubits(manifest, qasm)
         job = job_fields(manifest, row.envelope_sha256, num_qubits, row.submitted_at, now)
+        check_job(job)
         cat = self.catalog()
         records = []
         for b in cat.backends:
@@ -282,26 +365,42 @@ class Scheduler:
             earlier = s.scalars(select(DecisionRow).where(DecisionRow.job_id == job_id,
                                                           DecisionRow.chosen_backend.is_not(None))).first()
         if earlier is not None:
-            decision = self._stored(earlier, created=False)
-            if row.status == "pending":  # decided, but the hand-off to dispatch did not happen
-                self._dispatch(row, decision)
-            return decision
+            return self._again(row, earlier)
         if row.status != "pending":
             raise QaiError("scheduler.bad_status", f"job {job_id} is {row.status}; only pending jobs are scheduled",
                            status=409, details={"job_id": job_id, "status": row.status})
         manifest = self.manifest(row)
-        policy = get_tenant(self.svc.db, row.tenant).crypto_policy or {}
+        policy = check_policy(get_tenant(self.svc.db, row.tenant).crypto_policy or {})
         plugins, prof = tenant_profile(policy)
         self.signing_key()  # before `now`: the decision is verified as of its ledger time
         now = utcnow()
-        inputs = self.gather(manifest, row, plugins, prof, policy, now)
+        # Decide on exactly what is recorded: the inputs as their canonical JSON reads back (an
+        # integral float becomes an int, -0.0 becomes 0), so the signed body and a replay's agree.
+        inputs = json.loads(canonical_json(self.gather(manifest, row, plugins, prof, policy, now)))
         body = decide(inputs, plugins)
-        decision = self._record(row, inputs, body, now)
+        try:
+            decision = self._record(row, inputs, body, now)
+        except QaiError as err:
+            if err.code != "scheduler.already_scheduled":
+                raise
+            return self._again(row, self.row(str(err.details["decision_id"])))  # a concurrent call won
         if body["chosen"] is None:
             raise QaiError("scheduler.no_backend", body["rationale"], status=422,
                            details={"decision_id": decision.decision_id, "job_id": job_id,
                                     "backends": rejections(body)})
-        self._dispatch(row, decision)
+        from scheduler.dispatch import deliver
+
+        deliver(self.svc, row.job_id, inputs["job"]["priority_class"])  # queued with the decision; now enqueue
+        return decision
+
+    def _again(self, row: ManifestRow, earlier: DecisionRow) -> Decision:
+        """The job's decision, asked for again: scheduling is idempotent."""
+        decision = self._stored(earlier, created=False)
+        if row.status == "pending":  # only a decision recorded before dispatch wrote both at once
+            from scheduler.dispatch import dispatch
+
+            dispatch(self.svc, row.job_id, decision.decision_id, decision.body["chosen"],
+                     decision.document["inputs"]["job"]["priority_class"])
         return decision
 
     def manifest(self, row: ManifestRow) -> RunManifest:
@@ -344,6 +443,14 @@ class Scheduler:
         entry = LedgerEntry(type=DECISION_ENTRY_TYPE, sha256=digest, path=path, tenant=SYSTEM_TENANT, time=now)
 
         def before(session: Session, first: int) -> None:
+            # Under the ledger lock, like every decision's insert: a concurrent call for the same job
+            # that got here first makes this one write nothing.
+            if chosen is not None:
+                taken = session.scalar(select(DecisionRow.id).where(DecisionRow.job_id == row.job_id,
+                                                                    DecisionRow.chosen_backend.is_not(None)).limit(1))
+                if taken is not None:
+                    raise QaiError("scheduler.already_scheduled", f"job {row.job_id} has decision {taken}",
+                                   status=409, details={"decision_id": taken, "job_id": row.job_id})
             insert_rows(session, DecisionRow.__table__, [{  # type: ignore[arg-type]
                 "id": decision_id, "job_id": row.job_id, "tenant": row.tenant,
                 "chosen_backend": chosen and chosen["backend_id"],
@@ -351,16 +458,16 @@ class Scheduler:
                 "em_method": chosen and chosen["em_method"], "score": chosen and chosen["score"],
                 "confidence": body["confidence"], "run_seconds": run_seconds, "reasons": rejections(body),
                 "decision_manifest_path": path, "decision_sha256": digest, "ledger_index": first, "created_at": now}])
+            if chosen is not None:  # pending → queued with its job_runs row, in this transaction
+                from scheduler.dispatch import queue_rows
+
+                queue_rows(session, self.svc.settings, row.job_id, decision_id, chosen,
+                           inputs["job"]["priority_class"])
 
         indexed = self.svc.ledger.append([LedgerWrite([entry], before=before)])[0]
         if chosen is not None:
-            self._queued(chosen["backend_id"], row.priority_class, float(run_seconds or 0.0))
+            self._queued(chosen["backend_id"], inputs["job"]["priority_class"], float(run_seconds or 0.0))
         return Decision(decision_id, row.job_id, True, document, path, self.svc.ledger.receipt(indexed.index))
-
-    def _dispatch(self, row: ManifestRow, decision: Decision) -> None:
-        from scheduler.dispatch import dispatch
-
-        dispatch(self.svc, row.job_id, decision.decision_id, decision.body["chosen"], row.priority_class)
 
     # --------------------------------------------------------------------------------------- reading
 
@@ -383,7 +490,9 @@ class Scheduler:
         key = self.svc.kms.public_key(SCHEDULER_KEY)
         if key.tenant != SYSTEM_TENANT:
             raise QaiError("scheduler.bad_key", f"{SCHEDULER_KEY} belongs to tenant {key.tenant}", status=500)
-        return verified_document(data, key, entry.time)
+        document = verified_document(data, key, entry.time)
+        check_row(row, document)
+        return document
 
     def row(self, decision_id: str, principal: Principal | None = None) -> DecisionRow:
         with self.svc.db.read() as s:
@@ -418,6 +527,29 @@ def verified_document(data: bytes, key: Any, at: datetime) -> dict[str, Any]:
     if document.get("type") != DECISION_STATEMENT:
         raise QaiError("scheduler.decision_tampered", "the payload is not a scheduler decision", status=409)
     return document
+
+
+def check_row(row: DecisionRow, document: Mapping[str, Any]) -> None:
+    """The index row must say what the signed document says: a row pointed at another decision's
+    document, or with edited summary columns (which steer the backlog and dispatch), is refused."""
+    body = document["decision"]
+    chosen = body.get("chosen") or {}
+    backend = next((b for b in document["inputs"]["backends"] if b["backend_id"] == chosen.get("backend_id")), None)
+    run_seconds = backend["prediction"]["estimated_seconds"] if backend is not None else None
+    signed = {"id": document["decision_id"], "job_id": document["job_id"],
+              "tenant": document["inputs"]["job"]["tenant"], "chosen_backend": chosen.get("backend_id"),
+              "calibration_snapshot_id": chosen.get("calibration_snapshot_id"), "em_method": chosen.get("em_method"),
+              "score": chosen.get("score"), "confidence": body["confidence"], "run_seconds": run_seconds}
+    wrong = sorted(k for k, v in signed.items() if not _same(getattr(row, k), v))
+    if wrong:
+        raise QaiError("scheduler.decision_tampered", f"decision {row.id}: the index disagrees with the signed "
+                       f"document on {', '.join(wrong)}", status=409, details={"decision_id": row.id, "fields": wrong})
+
+
+def _same(stored: Any, signed: Any) -> bool:
+    if isinstance(stored, float) or isinstance(signed, float):
+        return stored is not None and signed is not None and float(stored) == float(signed)
+    return bool(stored == signed)
 
 
 def prediction_record(p: Any) -> dict[str, Any]:

@@ -719,8 +719,10 @@ def reap(svc: Services) -> int:
         except LeaseLost:
             done = False  # renewed after all, or reaped by another process meanwhile
         except QaiError as exc:
+            # One job's persistent error must not stall the reaping of the others (it sorts first
+            # every tick): log it and go on; the next tick tries it again.
             if exc.code != "worker.lease_lost":
-                raise
+                log.error("reaping job %s failed (%s: %s)", claim.job_id, exc.code, exc.message)
             done = False
         if done:
             log.warning("job %s: %s; %s", claim.job_id, message,

@@ -70,7 +70,10 @@ def _prepare(value: Any, floats: list[str]) -> Any:
             out[k] = _prepare(v, floats)
         return out
     if t is list:
-        return [_prepare(v, floats) for v in value]
+        items = []
+        for v in value:  # a loop, not a comprehension: one stack frame per level, as the reference
+            items.append(_prepare(v, floats))
+        return items
     raise _Slow
 
 
@@ -87,11 +90,11 @@ def canonical_json(value: Any) -> bytes:
         if floats:
             text = _MARKED.sub(lambda m: floats[int(m.group(1))], text)
         return text.encode()  # a lone surrogate fails here and goes the long way
-    except (_Slow, UnicodeEncodeError):
+    except (_Slow, UnicodeEncodeError, RecursionError):
         pass
     try:
         return rfc8785.dumps(value)
-    except (rfc8785.CanonicalizationError, TypeError, ValueError) as exc:
+    except (rfc8785.CanonicalizationError, TypeError, ValueError, RecursionError) as exc:
         raise QaiError("json.not_canonicalizable", f"value cannot be canonicalised: {exc}") from exc
 
 

@@ -56,3 +56,17 @@ def test_edge_cases_match_the_reference(value: Any) -> None:
     else:
         with pytest.raises(QaiError):
             canonical_json(value)
+
+
+@pytest.mark.parametrize("depth", [600, 5000])
+def test_deep_nesting_matches_the_reference_or_is_refused_with_a_code(depth: int) -> None:
+    value: Any = 1.5
+    for _ in range(depth):
+        value = [value]
+    expected = _reference(value)
+    if isinstance(expected, bytes):
+        assert canonical_json(value) == expected
+    else:
+        with pytest.raises(QaiError) as err:
+            canonical_json(value)
+        assert err.value.code == "json.not_canonicalizable"

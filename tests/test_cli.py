@@ -91,14 +91,23 @@ def test_demo_ends_with_an_offline_audit_of_its_ledger(qai) -> None:  # type: ig
     assert all(j["uploaded"] and j["s3_path"].startswith("manifests/") for j in out["jobs"])
     assert out["manifest_verified_offline"]["tampered"] == "rejected (signature.invalid)"
     assert out["ledger"]["receipt_verified"] and out["ledger"]["checkpoint_size"] == 3
+    # a scheduled job: a signed decision, run by the embedded worker, a signed result; replayable
+    sched = out["scheduled"]
+    assert sched["status"] == "completed" and sched["replay_ok"] and sched["attempts"] == 1
+    assert sched["chosen"]["backend_id"] and sched["model_version"] == "em-policy/1"
+    assert sched["result_ledger_index"] > sched["decision_ledger_index"]
     audit = out["ledger_audit"]
-    # the three jobs and the harness's signed dataset manifest
-    assert audit["ok"] and audit["entries"] == 4 and audit["signatures_verified"] == 4
+    # three instrumented jobs, the harness dataset, the training dataset, the model version, its
+    # promotion, the scheduled job, its decision (replayed by the auditor) and its result
+    size = sched["result_ledger_index"] + 1
+    assert audit["ok"] and audit["entries"] == size == 10 and audit["signatures_verified"] == size
     assert "--bundle" in audit["command"]
     assert out["harness"]["rows"] > 0 and out["harness"]["ledger_index"] == 3
     assert _json(qai("harness", "verify", out["harness"]["run_id"], "--json"))["verified"] is True
+    replayed = _json(qai("scheduler", "replay", sched["decision_id"], "--json"))
+    assert replayed["ok"] and replayed["identical"]
     status = _json(qai("ledger", "status", "--json"))
-    assert status["tree_size"] == 4 and status["uncovered"] == 0
+    assert status["tree_size"] == size and status["uncovered"] == 0
     assert _json(qai("ledger", "checkpoint", "--json"))["created"] is False
 
 

@@ -185,12 +185,14 @@ def submit(svc: Services, *, priority: str = "standard", shots: int = 2000) -> s
 
 def decide(svc: Services, job_id: str, chosen: dict[str, Any]) -> str:
     """A signed, stored and ledgered decision choosing ``chosen`` for the job, recorded by the
-    scheduler's own code (without the EM policy, which these tests do not train)."""
+    scheduler's own code (without the EM policy, which these tests do not train). Recording it
+    queues the job too, as the scheduler does; ``dispatch`` after it is idempotent."""
     with svc.db.read() as s:
         row = s.get(ManifestRow, job_id)
         assert row is not None
         s.expunge(row)
-    inputs = {"job": {"job_id": job_id, "manifest_sha256": row.envelope_sha256},
+    inputs = {"job": {"job_id": job_id, "tenant": row.tenant, "manifest_sha256": row.envelope_sha256,
+                      "priority_class": row.priority_class},
               "backends": [{"backend_id": chosen["backend_id"], "prediction": {"estimated_seconds": 1.0}}]}
     body = {"job_id": job_id, "backends": [], "chosen": chosen, "confidence": 0.9, "rationale": "test"}
     scheduler = Scheduler(svc)
@@ -473,7 +475,9 @@ def test_killed_worker_job_is_completed_by_a_retry(crash_svc: Services, vendor: 
 
 def test_killed_worker_on_its_last_attempt_fails_the_job(crash_svc: Services, tmp_path: Path) -> None:
     svc = crash_svc
-    job_id, decision_id = scheduled(svc, backend=VENDOR_BACKEND, max_attempts=1)
+    # the scheduler queues a job with QAI_WORKER_MAX_ATTEMPTS attempts: one here
+    svc.settings = svc.settings.model_copy(update={"worker_max_attempts": 1})
+    job_id, decision_id = scheduled(svc, backend=VENDOR_BACKEND)
     _kill_mid_job(svc, job_id, tmp_path / "worker.log")
     start_dispatch(svc)  # as in qai serve: no worker is alive, the server's reaper finds the expired lease
     assert wait_status(svc, job_id, "failed", "completed") == "failed"

@@ -212,11 +212,18 @@ def test_replay_detects_changed_inputs(ready: Services) -> None:
                           message=pae(DECISION_PAYLOAD_TYPE, payload))
     forged = envelope_bytes(envelope_from_bundle(DECISION_PAYLOAD_TYPE, payload, bundle))
     index = services.ledger.append_object("scheduler-decision", SYSTEM_TENANT, forged).index
+    # ... and a decision signed by another system key (the workers', say) is refused as such
+    services.kms.create_key("qai.other", tenant=SYSTEM_TENANT, principal=Principal.system("test"))
+    payload2 = canonical_json(json.loads(canonical_json(decision.document)))
+    other = envelope_bytes(envelope_from_bundle(DECISION_PAYLOAD_TYPE, payload2, services.kms.sign(
+        "qai.other", principal=Principal.system("test"), message=pae(DECISION_PAYLOAD_TYPE, payload2))))
+    other_index = services.ledger.append_object("scheduler-decision", SYSTEM_TENANT, other).index
     services.ledger.checkpoint()
     auditor = issue_token(services.db, role=Role.AUDITOR, tenant=None).token
     with LiveServer(create_app(services)) as srv, Client(srv.url, auditor) as a:
         report = audit(ServerSource(a), trusted_keys={k.name: k for k in a.list_keys()}, workers=1)
-    assert [(f.code, f.index) for f in report.failures] == [("scheduler.replay_mismatch", index)]
+    assert [(f.code, f.index) for f in report.failures] == [("scheduler.replay_mismatch", index),
+                                                            ("scheduler.decision_tampered", other_index)]
 
     # 2. a calibration value changed under a recorded snapshot id: replay names the backend
     snapshot_id = backend["calibration_snapshot_id"]
@@ -229,7 +236,17 @@ def test_replay_detects_changed_inputs(ready: Services) -> None:
     bad = [c for c in rep.checks if not c.ok]
     assert [c.name for c in bad] == [f"snapshot:{chosen}"] and "calibration.id_mismatch" in bad[0].detail
 
-    # 3. the stored decision object rewritten: reading it fails, with its own code
+    # 3. the index row edited (it steers the backlog and dispatch): refused against the signed document
+    _lift_append_only(services, "scheduler_decisions")
+    with services.db.write() as s:
+        s.execute(text("UPDATE scheduler_decisions SET run_seconds = 0.001 WHERE id = :i"),
+                  {"i": decision.decision_id})
+    with pytest.raises(Exception) as edited:
+        replay(services, decision.decision_id)
+    assert getattr(edited.value, "code", None) == "scheduler.decision_tampered"
+    assert edited.value.details["fields"] == ["run_seconds"]  # type: ignore[attr-defined]
+
+    # 4. the stored decision object rewritten: reading it fails, with its own code
     row = scheduler(services).row(decision.decision_id)
     services.objects.put(row.decision_manifest_path, forged, overwrite=True)
     with pytest.raises(Exception) as caught:
@@ -294,3 +311,59 @@ def test_queue_wait_counts_only_work_a_job_cannot_overtake(ready: Services) -> N
         statuses = s.scalars(select(ManifestRow.status).where(ManifestRow.job_id.in_(
             [first.job_id, urgent.job_id, later.job_id]))).all()
     assert sorted(statuses) == ["queued"] * 3
+
+
+def test_concurrent_schedules_of_one_job_record_one_decision(ready: Services) -> None:
+    import threading
+
+    services = ready
+    job_id = _submit(services)
+    barrier = threading.Barrier(4)
+    results: list[Any] = []
+
+    def call() -> None:
+        barrier.wait()
+        try:
+            results.append(scheduler(services).schedule(job_id, Principal.system("test")).decision_id)
+        except Exception as exc:  # collected and asserted below
+            results.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(isinstance(r, str) for r in results), results
+    assert len(set(results)) == 1
+    with services.db.read() as s:
+        chosen = s.scalars(select(DecisionRow.id).where(DecisionRow.job_id == job_id,
+                                                        DecisionRow.chosen_backend.is_not(None))).all()
+        assert chosen == [results[0]]
+        assert s.scalar(select(ManifestRow.status).where(ManifestRow.job_id == job_id)) == "queued"
+
+
+def test_bad_profiles_policies_and_manifests_are_refused_with_their_codes(ready: Services) -> None:
+    services = ready
+    system = Principal.system("test")
+    cases = [
+        ("org-noc", {"scheduler": {"plugins": ["tenant-allow-list", "qkd", "status", "capability", "prediction",
+                                               "sla", "v1-score"]}}, "scheduler.bad_profile"),
+        ("org-cfg", {"scheduler": {"config": {"wait_weight": {"critical": 1.0}}}}, "scheduler.bad_profile"),
+        ("org-cfg2", {"scheduler": {"config": {"tie_tolerance": "small"}}}, "scheduler.bad_profile"),
+        ("org-qkd", {"qkd": "require"}, "scheduler.bad_policy"),
+        ("org-min", {"min_crypto_mode": "quantum"}, "scheduler.bad_policy"),
+    ]
+    for tenant, policy, code in cases:
+        create_tenant(services.db, tenant, crypto_policy=policy)
+        services.kms.create_key(f"{tenant}.manifests", tenant=tenant, principal=system)
+        job_id = _submit(services, tenant=tenant)
+        before = _counts(services)
+        with pytest.raises(Exception) as caught:
+            scheduler(services).schedule(job_id, system)
+        assert getattr(caught.value, "code", None) == code, (tenant, caught.value)
+        assert _counts(services) == before
+    # a deadline without a UTC offset is read as UTC, not a 500
+    naive = _submit(services, sla={"deadline": "2099-01-01T00:00:00"})
+    decision = scheduler(services).schedule(naive, system)
+    assert decision.document["inputs"]["job"]["deadline_seconds"] > 0
+    assert replay(services, decision.decision_id).ok

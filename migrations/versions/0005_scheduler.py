@@ -42,6 +42,10 @@ def upgrade() -> None:
     )
     op.create_index("ix_scheduler_decisions_job", "scheduler_decisions", ["job_id", "created_at"])
     op.create_index("ix_scheduler_decisions_backend", "scheduler_decisions", ["chosen_backend"])
+    # At most one decision per job chooses a backend (those that found none may repeat).
+    op.create_index("ux_scheduler_decisions_chosen", "scheduler_decisions", ["job_id"], unique=True,
+                    postgresql_where=sa.text("chosen_backend IS NOT NULL"),
+                    sqlite_where=sa.text("chosen_backend IS NOT NULL"))
     # A decision is signed and ledgered: its index row is never rewritten either.
     for stmt in append_only_ddl("scheduler_decisions", op.get_bind().dialect.name):
         op.execute(stmt)
