@@ -118,9 +118,11 @@ def _score(job: Mapping[str, Any], backend: Mapping[str, Any], policy: Mapping[s
     return terms, score
 
 
-def decide(inputs: Mapping[str, Any], plugins: Sequence[Plugin]) -> dict[str, Any]:
+def decide(inputs: Mapping[str, Any], plugins: Sequence[Plugin], *, inputs_canonical: bytes | None = None
+           ) -> dict[str, Any]:
     """The decision body for ``inputs`` (see the module docstring). Deterministic: the same
-    inputs and plugins give the same body, byte for byte once canonical."""
+    inputs and plugins give the same body, byte for byte once canonical. ``inputs_canonical``, the
+    inputs' RFC 8785 bytes if the caller has them, saves serialising them again."""
     recorded = [(p["name"], p["version"], p["kind"]) for p in inputs["profile"]["plugins"]]
     if recorded != [(p.name, p.version, p.kind) for p in plugins]:
         raise SchedulingError(f"the inputs were recorded with plugins {recorded}")
@@ -140,7 +142,7 @@ def decide(inputs: Mapping[str, Any], plugins: Sequence[Plugin]) -> dict[str, An
     eligible_rows = [r for r in rows if r["eligible"]]
     body: dict[str, Any] = {
         "scheduler_version": SCHEDULER_VERSION, "job_id": job["job_id"],
-        "inputs_sha256": "sha256:" + hashlib.sha256(canonical_json(dict(inputs))).hexdigest(),
+        "inputs_sha256": "sha256:" + hashlib.sha256(inputs_canonical or canonical_json(dict(inputs))).hexdigest(),
         "backends": rows,
     }
     if not eligible_rows or max(r["score"] for r in eligible_rows) <= 0:

@@ -376,10 +376,11 @@ class Scheduler:
         now = utcnow()
         # Decide on exactly what is recorded: the inputs as their canonical JSON reads back (an
         # integral float becomes an int, -0.0 becomes 0), so the signed body and a replay's agree.
-        inputs = json.loads(canonical_json(self.gather(manifest, row, plugins, prof, policy, now)))
-        body = decide(inputs, plugins)
+        inputs_canonical = canonical_json(self.gather(manifest, row, plugins, prof, policy, now))
+        inputs = json.loads(inputs_canonical)
+        body = decide(inputs, plugins, inputs_canonical=inputs_canonical)
         try:
-            decision = self._record(row, inputs, body, now)
+            decision = self._record(row, inputs, body, now, inputs_canonical=inputs_canonical)
         except QaiError as err:
             if err.code != "scheduler.already_scheduled":
                 raise
@@ -420,14 +421,15 @@ class Scheduler:
                                            error_code="scheduler.bad_key")
         return self._key
 
-    def _record(self, row: ManifestRow, inputs: dict[str, Any], body: dict[str, Any], now: datetime) -> Decision:
+    def _record(self, row: ManifestRow, inputs: dict[str, Any], body: dict[str, Any], now: datetime, *,
+                inputs_canonical: bytes | None = None) -> Decision:
         from orchestrator.ledger import LedgerWrite
 
         key = self.signing_key()
         decision_id = str(uuid.uuid4())
         document = {"type": DECISION_STATEMENT, "decision_id": decision_id, "job_id": row.job_id,
                     "created_at": now.isoformat(), "inputs": inputs, "decision": body}
-        payload = canonical_json(document)
+        payload = document_payload(document, inputs_canonical)
         bundle = self.svc.kms.sign(key, principal=Principal.system("scheduler"),
                                    message=pae(DECISION_PAYLOAD_TYPE, payload))
         data = envelope_bytes(envelope_from_bundle(DECISION_PAYLOAD_TYPE, payload, bundle))
@@ -527,6 +529,18 @@ def verified_document(data: bytes, key: Any, at: datetime) -> dict[str, Any]:
     if document.get("type") != DECISION_STATEMENT:
         raise QaiError("scheduler.decision_tampered", "the payload is not a scheduler decision", status=409)
     return document
+
+
+def document_payload(document: Mapping[str, Any], inputs_canonical: bytes | None) -> bytes:
+    """The RFC 8785 bytes of a decision document. With the inputs' canonical bytes at hand, the
+    object is written around them rather than serialising the largest member twice: JCS writes an
+    object's members sorted by key (section 3.2.3), each value in its own canonical form."""
+    if inputs_canonical is None:
+        return canonical_json(dict(document))
+    rest = {k: v for k, v in document.items() if k != "inputs"}
+    keys = sorted([*rest, "inputs"], key=lambda k: k.encode("utf-16-be"))
+    parts = [canonical_json(k) + b":" + (inputs_canonical if k == "inputs" else canonical_json(rest[k])) for k in keys]
+    return b"{" + b",".join(parts) + b"}"
 
 
 def check_row(row: DecisionRow, document: Mapping[str, Any]) -> None:

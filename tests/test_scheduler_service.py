@@ -367,3 +367,24 @@ def test_bad_profiles_policies_and_manifests_are_refused_with_their_codes(ready:
     decision = scheduler(services).schedule(naive, system)
     assert decision.document["inputs"]["job"]["deadline_seconds"] > 0
     assert replay(services, decision.decision_id).ok
+
+
+def test_the_document_written_around_canonical_inputs_is_its_canonical_json() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from scheduler.service import document_payload
+
+    values = st.recursive(st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | st.text(max_size=8)
+                          | st.floats(allow_nan=False, allow_infinity=False),
+                          lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=4),
+                          max_leaves=20)
+
+    @settings(max_examples=300, deadline=None)
+    @given(values, values, st.text(max_size=10))
+    def check(inputs: Any, body: Any, created_at: str) -> None:
+        doc = {"type": "qai.scheduler.decision.v1", "decision_id": "d", "job_id": "j", "created_at": created_at,
+               "inputs": inputs, "decision": body}
+        assert document_payload(doc, canonical_json(inputs)) == canonical_json(doc)
+
+    check()
