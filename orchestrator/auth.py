@@ -85,10 +85,33 @@ def _hash_secret(secret: str) -> str:
 # -- tenants ----------------------------------------------------------------------------------
 
 
+CRYPTO_MODES = ("classical", "hybrid", "pqc-required")
+QKD_POLICIES = ("required", "preferred", "excluded")
+
+
+def check_crypto_policy(policy: dict[str, Any]) -> None:
+    """A tenant's crypto policy must use known values: a misspelt minimum mode must not read as
+    none at all (it would fail open at ingest and in the scheduler)."""
+    def bad(field: str, message: str) -> QaiError:
+        return QaiError("tenant.bad_policy", f"crypto_policy.{field} {message}", status=422, details={"field": field})
+
+    if policy.get("min_crypto_mode") is not None and policy["min_crypto_mode"] not in CRYPTO_MODES:
+        raise bad("min_crypto_mode", f"must be one of {list(CRYPTO_MODES)}")
+    if policy.get("qkd") is not None and policy["qkd"] not in QKD_POLICIES:
+        raise bad("qkd", f"must be one of {list(QKD_POLICIES)}")
+    for field in ("allowed_suites", "allowed_backends"):
+        value = policy.get(field)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise bad(field, "must be a list of strings")
+    if policy.get("scheduler") is not None and not isinstance(policy["scheduler"], dict):
+        raise bad("scheduler", "must be an object")
+
+
 def create_tenant(db: Database, name: str, *, crypto_policy: dict[str, Any] | None = None) -> Tenant:
     if not TENANT_NAME.match(name):
         raise QaiError("tenant.bad_name", "tenant names are 1-64 chars of a-z, 0-9 and '-'",
                        status=422, details={"name": name})
+    check_crypto_policy(crypto_policy or {})
     try:
         with db.write() as s:
             tenant = Tenant(name=name, created_at=utcnow(), crypto_policy=crypto_policy or {})

@@ -254,6 +254,8 @@ def sign_manifest(manifest: RunManifest, sign: Callable[[bytes], SignatureBundle
 
 def check_crypto_mode(mode: str, algorithms: list[str]) -> None:
     """Raise unless the verified ``algorithms`` satisfy ``mode``."""
+    if mode not in ("classical", "hybrid", "pqc-required"):  # an unknown mode must not pass as no requirement
+        raise VerificationError("manifest.bad_crypto_mode", f"unknown crypto mode {mode!r}", details={"mode": mode})
     pqc = [a for a in algorithms if get_algorithm(a).pqc]
     classical = [a for a in algorithms if not get_algorithm(a).pqc]
     if mode == "pqc-required" and not pqc:

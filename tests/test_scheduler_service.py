@@ -17,6 +17,7 @@ from sqlalchemy import func, select, text
 from orchestrator.app import create_app
 from orchestrator.auth import Principal, Role, create_tenant, issue_token
 from orchestrator.jobs import ManifestRow
+from orchestrator.models import Tenant
 from orchestrator.services import Services
 from scheduler.replay import replay, replay_document
 from scheduler.service import (
@@ -351,10 +352,13 @@ def test_bad_profiles_policies_and_manifests_are_refused_with_their_codes(ready:
         ("org-cfg", {"scheduler": {"config": {"wait_weight": {"critical": 1.0}}}}, "scheduler.bad_profile"),
         ("org-cfg2", {"scheduler": {"config": {"tie_tolerance": "small"}}}, "scheduler.bad_profile"),
         ("org-qkd", {"qkd": "require"}, "scheduler.bad_policy"),
-        ("org-min", {"min_crypto_mode": "quantum"}, "scheduler.bad_policy"),
     ]
     for tenant, policy, code in cases:
-        create_tenant(services.db, tenant, crypto_policy=policy)
+        create_tenant(services.db, tenant)
+        with services.db.write() as s:  # stored as it is: a policy written before it was validated
+            stored = s.get(Tenant, tenant)
+            assert stored is not None
+            stored.crypto_policy = policy
         services.kms.create_key(f"{tenant}.manifests", tenant=tenant, principal=system)
         job_id = _submit(services, tenant=tenant)
         before = _counts(services)
@@ -362,6 +366,16 @@ def test_bad_profiles_policies_and_manifests_are_refused_with_their_codes(ready:
             scheduler(services).schedule(job_id, system)
         assert getattr(caught.value, "code", None) == code, (tenant, caught.value)
         assert _counts(services) == before
+    # an unknown minimum crypto mode stored in a policy fails closed already at ingest
+    create_tenant(services.db, "org-min")
+    services.kms.create_key("org-min.manifests", tenant="org-min", principal=system)
+    with services.db.write() as s:
+        stored = s.get(Tenant, "org-min")
+        assert stored is not None
+        stored.crypto_policy = {"min_crypto_mode": "quantum"}
+    with pytest.raises(Exception) as refused:
+        _submit(services, tenant="org-min")
+    assert getattr(refused.value, "code", None) == "policy.crypto_mode"
     # a deadline without a UTC offset is read as UTC, not a 500
     naive = _submit(services, sla={"deadline": "2099-01-01T00:00:00"})
     decision = scheduler(services).schedule(naive, system)
@@ -388,3 +402,10 @@ def test_the_document_written_around_canonical_inputs_is_its_canonical_json() ->
         assert document_payload(doc, canonical_json(inputs)) == canonical_json(doc)
 
     check()
+
+
+def test_a_tenant_policy_with_unknown_values_is_refused(svc: Services) -> None:  # noqa: F811
+    for policy in ({"min_crypto_mode": "quantum"}, {"qkd": "require"}, {"allowed_backends": "fake_kyiv"}):
+        with pytest.raises(Exception) as caught:
+            create_tenant(svc.db, "org-typo", crypto_policy=policy)
+        assert getattr(caught.value, "code", None) == "tenant.bad_policy"
