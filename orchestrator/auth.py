@@ -85,18 +85,16 @@ def _hash_secret(secret: str) -> str:
 # -- tenants ----------------------------------------------------------------------------------
 
 
-CRYPTO_MODES = ("classical", "hybrid", "pqc-required")
-QKD_POLICIES = ("required", "preferred", "excluded")
-
-
 def check_crypto_policy(policy: dict[str, Any]) -> None:
     """A tenant's crypto policy must use known values: a misspelt minimum mode must not read as
     none at all (it would fail open at ingest and in the scheduler)."""
+    from scheduler.engine import CRYPTO_RANK, QKD_POLICIES
+
     def bad(field: str, message: str) -> QaiError:
         return QaiError("tenant.bad_policy", f"crypto_policy.{field} {message}", status=422, details={"field": field})
 
-    if policy.get("min_crypto_mode") is not None and policy["min_crypto_mode"] not in CRYPTO_MODES:
-        raise bad("min_crypto_mode", f"must be one of {list(CRYPTO_MODES)}")
+    if policy.get("min_crypto_mode") is not None and policy["min_crypto_mode"] not in CRYPTO_RANK:
+        raise bad("min_crypto_mode", f"must be one of {list(CRYPTO_RANK)}")
     if policy.get("qkd") is not None and policy["qkd"] not in QKD_POLICIES:
         raise bad("qkd", f"must be one of {list(QKD_POLICIES)}")
     for field in ("allowed_suites", "allowed_backends"):

@@ -31,13 +31,11 @@ from sqlalchemy import Float, ForeignKey, String, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.types import BigInteger
 
-from orchestrator.auth import Principal, Role, get_tenant
+from orchestrator.auth import Principal, Role, check_crypto_policy, get_tenant
 from orchestrator.db import Base, JSONType, UTCDateTime, insert_rows, utcnow
 from scheduler.engine import (
-    CRYPTO_RANK,
     DEFAULT_CONFIG,
     PRIORITY_CLASSES,
-    QKD_POLICIES,
     Plugin,
     decide,
     prefilter,
@@ -158,24 +156,6 @@ def job_fields(manifest: RunManifest, envelope_sha256: str, num_qubits: int, sub
             "shot_budget": manifest.shot_budget or int(manifest.shots * UNLIMITED_RATIO),
             "priority_class": manifest.priority_class, "num_qubits": num_qubits,
             "deadline_seconds": deadline_seconds(manifest, submitted_at, now), "backend_id": manifest.backend_id}
-
-
-def check_policy(policy: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The scheduler's fields of a tenant policy, checked: a misspelt value must not fail open
-    (an unknown minimum crypto mode read as classical, ``qkd: require`` ignored)."""
-    def bad(message: str, field: str) -> QaiError:
-        return QaiError("scheduler.bad_policy", f"the tenant's crypto policy: {message}", status=422,
-                        details={"field": field})
-
-    minimum = policy.get("min_crypto_mode")
-    if minimum is not None and minimum not in CRYPTO_RANK:
-        raise bad(f"min_crypto_mode must be one of {list(CRYPTO_RANK)}", "min_crypto_mode")
-    if policy.get("qkd") is not None and policy["qkd"] not in QKD_POLICIES:
-        raise bad(f"qkd must be one of {list(QKD_POLICIES)}", "qkd")
-    allowed = policy.get("allowed_backends")
-    if allowed is not None and not (isinstance(allowed, list) and all(isinstance(b, str) for b in allowed)):
-        raise bad("allowed_backends must be a list of backend ids", "allowed_backends")
-    return policy
 
 
 def tenant_profile(policy: Mapping[str, Any]) -> tuple[list[Plugin], dict[str, Any]]:
@@ -370,7 +350,8 @@ class Scheduler:
             raise QaiError("scheduler.bad_status", f"job {job_id} is {row.status}; only pending jobs are scheduled",
                            status=409, details={"job_id": job_id, "status": row.status})
         manifest = self.manifest(row)
-        policy = check_policy(get_tenant(self.svc.db, row.tenant).crypto_policy or {})
+        policy = get_tenant(self.svc.db, row.tenant).crypto_policy or {}
+        check_crypto_policy(policy)  # one stored before policies were validated must not fail open here
         plugins, prof = tenant_profile(policy)
         self.signing_key()  # before `now`: the decision is verified as of its ledger time
         now = utcnow()

@@ -179,3 +179,24 @@ def s3_endpoint() -> Iterator[str]:
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+
+
+def storage_settings(request: pytest.FixtureRequest, settings: Settings, bucket_prefix: str
+                     ) -> tuple[Settings, Database]:
+    """For a fixture parametrised over ``postgresql+s3`` and ``sqlite+local``: the database, and the
+    settings of the object store (an S3 bucket with Object Lock on moto's server, or the local
+    directory)."""
+    if request.param == "postgresql+s3":
+        import boto3
+        from pydantic import SecretStr
+
+        db: Database = request.getfixturevalue("pg_db")
+        endpoint = request.getfixturevalue("s3_endpoint")
+        bucket = f"{bucket_prefix}-{uuid.uuid4().hex[:12]}"
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="t",
+                     aws_secret_access_key="t").create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+        settings = settings.model_copy(update={"s3_bucket": bucket, "s3_endpoint_url": endpoint,
+                                               "s3_access_key_id": SecretStr("t"),
+                                               "s3_secret_access_key": SecretStr("t")})
+        return settings, db
+    return settings, request.getfixturevalue("sqlite_db")

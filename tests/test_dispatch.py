@@ -21,9 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
-from pydantic import SecretStr
 from sqlalchemy import func, select
 
 from harness.backends import import_snapshot
@@ -46,7 +44,7 @@ from sdk.dsse import parse_envelope, verify_envelope
 from sdk.errors import QaiError
 from sdk.ledger import verify_receipt
 from sdk.manifest import sign_manifest
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, storage_settings
 from tests.ledger_helpers import ledger_services
 from tests.test_manifest import manifest
 
@@ -90,21 +88,6 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
         client.close()
 
 
-def _engine_settings(request: pytest.FixtureRequest, settings: Settings) -> tuple[Settings, Database]:
-    if request.param == "postgresql+s3":
-        db: Database = request.getfixturevalue("pg_db")
-        endpoint = request.getfixturevalue("s3_endpoint")
-        bucket = f"dispatch-{uuid.uuid4().hex[:12]}"
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="t",
-                     aws_secret_access_key="t").create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
-        settings = settings.model_copy(update={"s3_bucket": bucket, "s3_endpoint_url": endpoint,
-                                               "s3_access_key_id": SecretStr("t"),
-                                               "s3_secret_access_key": SecretStr("t")})
-    else:
-        db = request.getfixturevalue("sqlite_db")
-    return settings, db
-
-
 def _services(settings: Settings, db: Database, overrides: dict[str, Any]) -> Iterator[Services]:
     gen = ledger_services(settings, db, **overrides)
     svc = next(gen)
@@ -126,7 +109,7 @@ def overrides() -> dict[str, Any]:
 @pytest.fixture(params=["postgresql+s3", "sqlite+local"])
 def svc(request: pytest.FixtureRequest, settings: Settings, overrides: dict[str, Any]) -> Iterator[Services]:
     """Services on both engines, with the in-process queue unless ``overrides`` names Redis."""
-    settings, db = _engine_settings(request, settings)
+    settings, db = storage_settings(request, settings, "dispatch")
     if overrides.get("redis_url"):
         overrides = {**overrides, "redis_prefix": request.getfixturevalue("redis_prefix")}
     yield from _services(settings, db, overrides)
@@ -148,7 +131,7 @@ def vendor() -> Iterator[LiveServer]:
 def crash_svc(request: pytest.FixtureRequest, settings: Settings, vendor: LiveServer, redis_prefix: str,
               redis_url: str, overrides: dict[str, Any]) -> Iterator[Services]:
     """Services for the crash tests: Redis, short leases, and the mock vendor for ibm-like backends."""
-    settings, db = _engine_settings(request, settings)
+    settings, db = storage_settings(request, settings, "dispatch")
     yield from _services(settings, db, {"redis_url": redis_url, "redis_prefix": redis_prefix,
                                         "worker_lease_seconds": 2.0,
                                         "worker_vendor_urls": {"ibm-like": vendor.url}, **overrides})

@@ -12,16 +12,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import boto3
 import httpx
 import pytest
 import yaml
-from pydantic import SecretStr
 from sqlalchemy import func, select
 
 from orchestrator.app import create_app
 from orchestrator.auth import Principal, Role, create_tenant, issue_token
-from orchestrator.db import Database
 from orchestrator.jobs import ManifestRow
 from orchestrator.objects import S3ObjectStore
 from orchestrator.services import Services
@@ -31,25 +28,14 @@ from sdk.client import Client
 from sdk.dsse import Envelope, envelope_from_bundle, pae
 from sdk.ledger import verify_receipt
 from sdk.manifest import PAYLOAD_TYPE, RunManifest, sign_manifest
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, storage_settings
 from tests.ledger_helpers import ledger_services
 from tests.test_manifest import manifest
 
 
 @pytest.fixture(params=["postgresql+s3", "sqlite+local"])
 def svc(request: pytest.FixtureRequest, settings: Settings, tmp_path: Path) -> Iterator[Services]:
-    if request.param == "postgresql+s3":
-        db: Database = request.getfixturevalue("pg_db")
-        endpoint = request.getfixturevalue("s3_endpoint")
-        bucket = f"jobs-{uuid.uuid4().hex[:12]}"
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="t",
-                     aws_secret_access_key="t").create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
-        settings = settings.model_copy(update={"s3_bucket": bucket, "s3_endpoint_url": endpoint,
-                                               "s3_access_key_id": SecretStr("t"),
-                                               "s3_secret_access_key": SecretStr("t")})
-    else:
-        db = request.getfixturevalue("sqlite_db")
-    yield from ledger_services(settings, db)
+    yield from ledger_services(*storage_settings(request, settings, "jobs"))
 
 
 def _sign(svc: Services, key: str, tenant: str, m: RunManifest) -> bytes:

@@ -351,7 +351,7 @@ def test_bad_profiles_policies_and_manifests_are_refused_with_their_codes(ready:
                                                "sla", "v1-score"]}}, "scheduler.bad_profile"),
         ("org-cfg", {"scheduler": {"config": {"wait_weight": {"critical": 1.0}}}}, "scheduler.bad_profile"),
         ("org-cfg2", {"scheduler": {"config": {"tie_tolerance": "small"}}}, "scheduler.bad_profile"),
-        ("org-qkd", {"qkd": "require"}, "scheduler.bad_policy"),
+        ("org-qkd", {"qkd": "require"}, "tenant.bad_policy"),
     ]
     for tenant, policy, code in cases:
         create_tenant(services.db, tenant)
