@@ -43,6 +43,10 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "wait_weight": {"critical": 4.0, "essential": 2.0, "standard": 1.0, "background": 0.25},
     "wait_reference_seconds": 600.0,
     "qkd_preferred_bonus": 1.1,
+    # v1 ranks on fidelity**fidelity_exponent / cost. 1 is SPEC-001's ratio; a larger exponent buys
+    # fidelity with money (fidelity is in [0, 1], so the exponent sharpens the gaps between backends
+    # while price stays linear). docs/scheduler-report.md shows the trade on the catalog.
+    "fidelity_exponent": 1.0,
     # an exact tie of scores is broken by the seeded draw; closer than this counts as a tie
     "tie_tolerance": 1e-12,
 }

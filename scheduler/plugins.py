@@ -87,15 +87,19 @@ def _completion_seconds(backend: J) -> float:
 
 def v1_score(job: J, backend: J, policy: J, config: J) -> dict[str, float]:
     """SPEC-001's v1: (expected post-EM fidelity / effective cost) x availability penalty x crypto
-    compatibility, with effective cost = cost per shot x shots x shot multiplier."""
+    compatibility, with effective cost = cost per shot x shots x shot multiplier. The profile's
+    ``fidelity_exponent`` (default 1, SPEC-001's ratio) raises the fidelity to a power first."""
     p = backend["prediction"]
     cost = float(backend["cost_per_shot"]) * job["shots"] * float(p["shot_multiplier"])
     fidelity = float(p["expected_fidelity"])
+    # .get: decisions recorded before the knob existed replay with their own config, without it
+    exponent = float(config.get("fidelity_exponent", 1.0))
+    weighted = fidelity if exponent == 1.0 else fidelity ** exponent
     available = backend["availability"] >= config["availability_threshold"]
     availability = 1.0 if available else float(config["availability_penalty"])
     compatible = 1.0 if crypto_mode(job, backend, policy, config) is None else 0.0
     return {"expected_fidelity": fidelity, "effective_cost": cost,
-            "fidelity_per_cost": fidelity / cost if cost > 0 else fidelity * 1e12,
+            "fidelity_per_cost": weighted / cost if cost > 0 else weighted * 1e12,
             "availability_factor": availability, "crypto_factor": compatible}
 
 

@@ -843,6 +843,11 @@ PURE_RATIO_CONFIG: dict[str, Any] = {
     "wait_weight": dict.fromkeys(PRIORITY_CLASSES, 0.0), "availability_penalty": 1.0}
 
 
+# v1 weighing fidelity more than SPEC-001's ratio does (the profile's fidelity_exponent): where the
+# fidelity-against-cost trade lies on the catalog.
+FIDELITY_EXPONENTS = (4.0, 16.0)
+
+
 def scenarios(config: SimConfig) -> list[tuple[str, SimConfig]]:
     """Variations of the headline run: other seeds, no other tenants, lighter and heavier load, and
     v1 on the bare fidelity-per-cost ratio. Each changes one thing."""
@@ -856,6 +861,8 @@ def scenarios(config: SimConfig) -> list[tuple[str, SimConfig]]:
          replace(config, queue_view="catalog" if config.queue_view == "provider" else "provider")),
         ("v1 on the bare ratio (wait weights 0, availability penalty 1)",
          replace(config, v1_config={**config.v1_config, **PURE_RATIO_CONFIG})),
+        *((f"v1 with fidelity_exponent {k}", replace(config, v1_config={**config.v1_config, "fidelity_exponent": k}))
+          for k in FIDELITY_EXPONENTS),
     ]
 
 
@@ -1083,9 +1090,8 @@ def _verdict(result: Mapping[str, Any]) -> list[str]:
                 f"{v1['total_cost_usd'] / mf['total_cost_usd']:.2f}× what max-fidelity spends, and {on_free} of its "
                 f"{v1['completed']} jobs ran on the free local simulator ({', '.join(free) or 'none'}), whose "
                 f"fidelity-per-cost term is unbounded. Max-fidelity sends everything to the newest, "
-                "lowest-error devices. No knob of the default profile weighs fidelity against cost (they set the "
-                "wait, availability and QKD terms), so tuning the config cannot close this; the score itself would "
-                "need a fidelity weight. The −3 % of Qonductor trades fidelity against JCT only, with no price.")
+                "lowest-error devices. The −3 % of Qonductor trades fidelity against JCT only, with no price.")
+            out.extend(_exponent_trade(result))
         elif "fidelity per USD" in key:
             best = targets[key]["best"]
             out.append(
@@ -1104,6 +1110,25 @@ def _verdict(result: Mapping[str, Any]) -> list[str]:
         elif "crypto" in key:
             out.append("- **Crypto.** A crypto-filtering policy ran a job on a backend without its crypto mode: a bug.")
     out.append("")
+    return out
+
+
+def _exponent_trade(result: Mapping[str, Any]) -> list[str]:
+    """What the profile's fidelity_exponent buys, from the sensitivity rows that set it."""
+    rows = [r for r in result.get("sensitivity", []) if "fidelity_exponent" in r["scenario"]]
+    if not rows:
+        return []
+    cheapest = result["policies"].get("cheapest", {}).get("fidelity_per_usd")
+    parts = [f"{r['scenario'].rsplit(' ', 1)[-1]}: loss {r['fidelity_loss_pct']:.2f} %, fidelity / USD "
+             f"{r['fidelity_per_usd']['v1']:.4f}" for r in rows]
+    out = [f"  The profile's `fidelity_exponent` (default 1, SPEC-001's ratio) buys fidelity with money; at "
+           f"exponent {'; '.join(parts)}"
+           + (f" (cheapest: {cheapest:.4f})." if cheapest is not None else ".")]
+    both = [r for r in rows if r["fidelity_loss_pct"] <= 3.0 and r["best_fidelity_per_usd"] == "v1"]
+    if not both:
+        out[0] += (" On this catalog the two targets pull against each other: the loss shrinks only as v1 leaves "
+                   "the cheap backends, and with them its fidelity per USD. Jobs that fit the free backend stay on "
+                   "it at any exponent, since its cost term is zero.")
     return out
 
 

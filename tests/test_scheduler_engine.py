@@ -109,6 +109,25 @@ def test_priority_class_weighs_waiting() -> None:
     assert chosen == {"critical": "quick", "essential": "quick", "standard": "quick", "background": "busy"}
 
 
+def test_fidelity_exponent_buys_fidelity_with_money() -> None:
+    # "good" has 1.2x the fidelity at 2x the price: SPEC-001's ratio picks "cheap"; an exponent above
+    # log 2 / log 1.2 = 3.8 picks "good"
+    backends = [_backend("cheap", cost_per_shot=0.0001, prediction={"expected_fidelity": 0.75}),
+                _backend("good", cost_per_shot=0.0002, prediction={"expected_fidelity": 0.9})]
+
+    def chosen(config: dict[str, Any]) -> tuple[str, float]:
+        inputs = {**_inputs(backends), "profile": profile(BUILTIN, config)}
+        body = decide(inputs, BUILTIN)
+        row = next(r for r in body["backends"] if r["backend_id"] == body["chosen"]["backend_id"])
+        return row["backend_id"], row["terms"]["fidelity_per_cost"]
+
+    assert chosen({})[0] == "cheap"
+    assert chosen({"fidelity_exponent": 1.0}) == chosen({})
+    assert chosen({"fidelity_exponent": 3.0})[0] == "cheap"
+    good, ratio = chosen({"fidelity_exponent": 5.0})
+    assert good == "good" and ratio == pytest.approx(0.9 ** 5 / (0.0002 * 4000 * 2.0))
+
+
 def test_exact_ties_are_broken_by_the_seed_and_recorded() -> None:
     backends = [_backend(f"twin-{i}") for i in range(4)]
     picks = {decide(_inputs(backends, seed=s), BUILTIN)["chosen"]["backend_id"] for s in range(40)}
