@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qai-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := softhsm2 opensc
+APT_PACKAGES := softhsm2 opensc chromium
 PYTEST_ARGS ?= -n 2
 
 .PHONY: setup system-packages services demo test lint typecheck bench bench-kms bench-ledger bench-ingest bench-harness bench-nightly bench-policy bench-scheduler clean
@@ -17,6 +17,7 @@ system-packages:
 	@missing=""; \
 	command -v softhsm2-util >/dev/null || missing="$$missing softhsm2"; \
 	command -v pkcs11-tool >/dev/null || missing="$$missing opensc"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
@@ -89,6 +90,9 @@ bench-scheduler: setup
 bench-nightly: setup
 	rm -rf .qai-nightly
 	time QAI_HOME=.qai-nightly $(VENV)/bin/qai harness run --out .qai-nightly/out
+	rm -rf .qai-nightly
+	time QAI_HOME=.qai-nightly $(VENV)/bin/qai nightly run-once
+	time QAI_HOME=.qai-nightly $(VENV)/bin/qai nightly run-once --force-retrain
 
 clean:
 	rm -rf .qai .qai-nightly

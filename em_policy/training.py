@@ -15,6 +15,7 @@ from sdk.errors import QaiError
 from sdk.output import progress
 
 if TYPE_CHECKING:
+    from em_policy.registry import ModelVersion
     from orchestrator.services import Services
 
 FEATURE_SET_PREFIX = "em-policy/model_features"
@@ -51,6 +52,26 @@ def feature_tables(fitted: Fitted, dataset_sha256: str, config: TrainConfig) -> 
     return out
 
 
+def register_fitted(svc: Services, fitted: Fitted, bundle: bytes, dataset_sha256: str, config: TrainConfig,
+                    extra_metrics: dict[str, float] | None = None) -> ModelVersion:
+    """Store the feature tables and register ``bundle`` (``fitted``'s model) with its validation
+    figures, plus ``extra_metrics`` (the nightly pipeline's holdout MAE)."""
+    from em_policy import registry
+
+    for path, blob in feature_tables(fitted, dataset_sha256, config):
+        try:
+            svc.objects.put(path, blob)
+        except QaiError as err:
+            if err.code != "object.exists":
+                raise
+    meta = fitted.model.metadata
+    metrics = {k: float(v) for k, v in meta["validation"].items() if isinstance(v, float)}
+    metrics.update(extra_metrics or {})
+    return registry.register(svc, bundle, params=config.to_json(), metrics=metrics, dataset_sha256=dataset_sha256,
+                             metadata={k: meta[k] for k in ("ranker", "methods", "training_snapshots",
+                                                            "supports_snapshots_since", "training_shots")})
+
+
 def train_and_register(data: Sequence[str], config: TrainConfig, *, register: bool = True, promote: bool = False,
                        out: Path | None = None, quiet: bool = False, svc: Services | None = None) -> dict[str, Any]:
     frame, dataset_sha256, files = load(data)
@@ -76,16 +97,7 @@ def train_and_register(data: Sequence[str], config: TrainConfig, *, register: bo
         from orchestrator.services import get_services
 
         svc = get_services()
-    for path, blob in feature_tables(fitted, dataset_sha256, config):
-        try:
-            svc.objects.put(path, blob)
-        except QaiError as err:
-            if err.code != "object.exists":
-                raise
-    metrics = {k: float(v) for k, v in meta["validation"].items() if isinstance(v, float)}
-    mv = registry.register(svc, bundle, params=config.to_json(), metrics=metrics, dataset_sha256=dataset_sha256,
-                           metadata={k: meta[k] for k in ("ranker", "methods", "training_snapshots",
-                                                          "supports_snapshots_since", "training_shots")})
+    mv = register_fitted(svc, fitted, bundle, dataset_sha256, config)
     result.update({"version": f"{mv.name}/{mv.version}", "ledger_index": mv.ledger_index, "run_id": mv.run_id})
     first = not registry.list_versions(svc) or all("champion" not in v.aliases for v in registry.list_versions(svc))
     if promote or first:  # the very first model has nothing to beat; later ones are promoted explicitly

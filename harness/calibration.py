@@ -178,6 +178,20 @@ def scaled(snap: CalibrationSnapshot, *, gate_error: float = 1.0, two_qubit_erro
                                basis_gates=snap.basis_gates, gates=gates, readout_errors=ro, raw_metrics=metrics)
 
 
+def degraded(snap: CalibrationSnapshot, factor: float, created_at: datetime) -> CalibrationSnapshot:
+    """The same device recalibrated at ``created_at`` with every error rate × ``factor``: gate and
+    readout errors, and the relaxation rates 1/T1 and 1/T2 (so T1 and T2 ÷ ``factor``). Drift
+    injection for the nightly pipeline's tests and what-if studies."""
+    worse = scaled(snap, gate_error=factor, readout=factor)
+    metrics = dict(snap.raw_metrics)
+    for key in ("t1", "t2"):
+        if key in metrics:
+            metrics[key] = [float(v) / factor for v in metrics[key]]
+    return CalibrationSnapshot(backend_id=snap.backend_id, created_at=created_at, num_qubits=snap.num_qubits,
+                               basis_gates=snap.basis_gates, gates=worse.gates, readout_errors=worse.readout_errors,
+                               raw_metrics=metrics)
+
+
 class PinnedSnapshot(CalibrationSnapshot):
     """A snapshot whose content-derived id is computed once. ``CalibrationSnapshot.id`` hashes the
     whole calibration on every access (tens of ms for a 127-qubit device); code that reads it per

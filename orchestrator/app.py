@@ -61,8 +61,9 @@ def _routers(component: str) -> list[APIRouter]:
         return [ledger_router]
     if component == "em-policy":
         from em_policy.api import router as policy_router
+        from em_policy.nightly.api import router as nightly_router
 
-        return [policy_router]
+        return [policy_router, nightly_router]
     if component == "scheduler":
         from scheduler.api import router as scheduler_router
 

@@ -167,9 +167,11 @@ def demo(as_json: JsonFlag = False) -> None:
 
 def register(app: typer.Typer) -> None:
     from em_policy.cli import policy_app
+    from em_policy.nightly.cli import lineage_cmd, nightly_app, report_app
     from harness.backends_cli import backends_app
     from harness.cli import harness_app
     from kms.cli import keys_app, kms_app
+    from kms.tls.cli import tls_app
     from scheduler.cli import scheduler_app
     from scheduler.worker_cli import worker
 
@@ -179,10 +181,16 @@ def register(app: typer.Typer) -> None:
     app.add_typer(tokens_app, name="tokens")
     app.add_typer(keys_app, name="keys")
     app.add_typer(kms_app, name="kms")
+    app.add_typer(tls_app, name="tls")
     app.add_typer(ledger_app, name="ledger")
     app.add_typer(backends_app, name="backends")
     app.add_typer(harness_app, name="harness")
     app.add_typer(policy_app, name="policy")
     app.add_typer(scheduler_app, name="scheduler")
+    app.add_typer(nightly_app, name="nightly")
+    from sdk.audit_cli import audit_app
+
+    audit_app.command("lineage")(lineage_cmd)  # needs the server's stores: it joins the auditor's group here
+    app.add_typer(report_app, name="report")
     app.command("worker")(worker)
     app.command("demo")(demo)

@@ -173,7 +173,13 @@ def run_demo(svc: Services, *, as_json: bool = False) -> dict[str, Any]:
     _step(9, "Scheduler: a signed decision from the EM policy and the calibrations, a worker runs the job", quiet)
     out["scheduled"] = _schedule(svc, signer, auditor, quiet)
 
-    _step(10, "Ledger: signed checkpoint, inclusion receipt verified offline, bundle exported", quiet)
+    _step(10, "Dual-stack TLS: a hybrid ML-KEM handshake and a classical fallback, each with a signed hello", quiet)
+    from kms.tls import tls_demo
+
+    out["tls"] = tls_demo(svc.db, svc.kms, svc.settings.home / "tls",
+                          echo=None if quiet else (lambda line: console.print(f"  {line}", markup=False)))
+
+    _step(11, "Ledger: signed checkpoint, inclusion receipt verified offline, bundle exported", quiet)
     with _serve(svc) as url, Client(url, auditor) as audit_client:
         receipt = receipts[-1]
         ledger_key = audit_client.ledger_key()
@@ -195,7 +201,7 @@ def run_demo(svc: Services, *, as_json: bool = False) -> dict[str, Any]:
         console.print(f"  [green]receipt of entry {receipt.index} verified offline[/] (leaf, checkpoint, inclusion)")
         console.print(f"  exported {exported} entries to {bundle_dir}")
 
-    _step(11, "Offline audit of the exported bundle (decisions replayed): qai audit verify --bundle", quiet)
+    _step(12, "Offline audit of the exported bundle (decisions replayed): qai audit verify --bundle", quiet)
     cmd = [sys.executable, "-m", "sdk.cli", "audit", "verify", "--bundle", str(bundle_dir),
            "--keys", str(keys_file), "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)

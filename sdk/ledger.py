@@ -33,6 +33,7 @@ EntryType = Literal[
     "model-version",
     "kms-audit-checkpoint",
     "build-attestation",
+    "lineage",  # an in-toto Statement of a nightly pipeline step (em_policy.nightly.lineage)
 ]
 SYSTEM_TENANT = "qai"  # the platform's own tenant: only its key signs checkpoints
 ENTRY_TYPES: tuple[str, ...] = EntryType.__args__  # type: ignore[attr-defined]
