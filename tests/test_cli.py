@@ -80,7 +80,8 @@ def test_tokens_and_help(qai) -> None:  # type: ignore[no-untyped-def]
     assert issued["token"].startswith("qai_") and issued["role"] == "signer"
     assert _json(qai("tokens", "revoke", issued["token_id"], "--json")) == {"revoked": issued["token_id"]}
     helptext = qai("--help").stdout
-    for cmd in ("serve", "keys", "kms", "tenants", "tokens", "demo", "db", "ledger", "audit", "backends", "harness"):
+    for cmd in ("serve", "keys", "kms", "tenants", "tokens", "demo", "db", "ledger", "audit", "backends", "harness",
+                "nightly", "report", "tls"):
         assert cmd in helptext
 
 
@@ -96,6 +97,10 @@ def test_demo_ends_with_an_offline_audit_of_its_ledger(qai) -> None:  # type: ig
     assert sched["status"] == "completed" and sched["replay_ok"] and sched["attempts"] == 1
     assert sched["chosen"]["backend_id"] and sched["model_version"] == "em-policy/1"
     assert sched["result_ledger_index"] > sched["decision_ledger_index"]
+    # one hybrid and one fallback handshake, each with its signed hello verified
+    hybrid, fallback = out["tls"]
+    assert hybrid.startswith("hybrid handshake: X25519MLKEM768") and "signed hello verified" in hybrid
+    assert fallback.startswith("fallback handshake: x25519") and "signed hello verified" in fallback
     audit = out["ledger_audit"]
     # three instrumented jobs, the harness dataset, the training dataset, the model version, its
     # promotion, the scheduled job, its decision (replayed by the auditor) and its result

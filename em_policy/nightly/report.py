@@ -33,6 +33,7 @@ DRIFT_METRICS = ("mae", "bias", "feature_shift")
 # Fixed sizes and dpi: the PNG bytes depend on them, and the page lays out the same every night.
 _DPI = 100
 _WIDE = (10.0, 4.5)
+_FIDELITY_COLUMNS = 3  # panels per row of the fidelity plot
 _SQUARE = (7.0, 6.0)
 _DRIFT = (10.0, 8.0)
 _BARS = (8.0, 4.0)
@@ -229,19 +230,35 @@ def _fidelity_series(history: Sequence[Mapping[str, Any]]) -> dict[tuple[str, st
 
 
 def _fidelity_plot(history: Sequence[Mapping[str, Any]], colors: Mapping[str, Any]) -> bytes:
-    fig, (ax,) = _figure(_WIDE)
+    """Small multiples, one panel per method with a line per backend: 9 backends × 7 methods in one
+    panel would be 63 lines no one can read, and a step change shows as one line dropping in every panel."""
     series = {k: v for k, v in _fidelity_series(history).items() if _has_values(v)}
     methods = sorted({m for _, m in series})
-    for (backend, method), values in series.items():
-        ax.plot(range(len(values)), values, marker="o", markersize=4, color=colors.get(backend),
-                linestyle=_LINESTYLES[methods.index(method) % len(_LINESTYLES)], label=f"{backend} · {method}")
-    if series:
-        _day_axis(ax, _days(history))
-        ax.set_ylabel("mean observed fidelity (mitigated)")
-        fig.legend(loc="outside right upper", fontsize=7)
-    else:
+    if not methods:
+        fig, (ax,) = _figure(_WIDE)
         _no_data(ax, "no fidelity data yet")
-    ax.set_title("Fidelity by backend and method")
+        ax.set_title("Fidelity by backend and method")
+        return _png(fig)
+    columns = min(_FIDELITY_COLUMNS, len(methods))
+    rows = math.ceil(len(methods) / columns)
+    fig = Figure(figsize=(_WIDE[0], 2.6 * rows + 0.8), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = fig.subplots(rows, columns, squeeze=False, sharex=True)
+    axes = [ax for row in grid for ax in row]
+    days = _days(history)
+    for ax, method in zip(axes, methods, strict=False):
+        for (backend, m), values in sorted(series.items()):
+            if m == method:
+                ax.plot(range(len(values)), values, marker="o", markersize=3, color=colors.get(backend), label=backend)
+        ax.set_title(method, fontsize=9)
+        _day_axis(ax, days)
+        ax.set_xlabel("")
+    for ax in axes[len(methods):]:
+        ax.set_axis_off()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7)
+    fig.supylabel("mean observed fidelity (mitigated)", fontsize=9)
+    fig.suptitle("Fidelity by backend and method", fontsize=11)
     return _png(fig)
 
 
