@@ -288,6 +288,72 @@ def test_a_restarted_scheduler_keeps_its_schedule_and_does_not_start_a_second_ru
         assert done.wait(120), "the missed fire did not run"
     finally:
         again.shutdown(wait=True)
-    assert events[0].exception is None and events[0].retval is None  # skipped: nr-old holds the lease
+    assert events[0].exception is None  # skipped: nr-old holds the lease
+    assert events[0].retval["skipped"] == "nightly.already_running" and events[0].retval["run_id"] == "nr-old"
     with svc.db.read() as s:
         assert [(r.run_id, r.status) for r in s.scalars(select(NightlyRunRow))] == [("nr-old", "running")]
+
+
+def test_qai_nightly_serve_restarted_mid_run_does_not_start_a_second_run(tmp_path: Path) -> None:
+    """The real command: a run is in progress (fresh lease) when ``qai nightly serve`` comes back
+    with tonight's fire missed. It fires once at start-up, sees the run, and starts nothing."""
+    import os
+    import subprocess
+    import sys
+
+    from apscheduler.job import Job
+    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+    from apscheduler.schedulers.background import BackgroundScheduler
+    from apscheduler.triggers.cron import CronTrigger
+
+    from em_policy.nightly.schedule import JOB_ID, JOBS_TABLE, MISFIRE_GRACE_SECONDS, fire
+    from orchestrator.services import build_services
+
+    home = tmp_path / ".qai"
+    services = build_services(Settings(home=home))
+    try:
+        # what the old process left in the job store: tonight's fire, 5 minutes ago, not yet run
+        # (written straight to the store: a scheduler shut down here would process it first)
+        config = NightlyConfig(backends=("fake_manila", "fake_nairobi"))
+        store = SQLAlchemyJobStore(engine=services.db.engine, tablename=JOBS_TABLE)
+        owner = BackgroundScheduler(jobstores={"default": store}, timezone=UTC)  # never started
+        store.start(owner, "default")
+        store.add_job(Job(owner, id=JOB_ID, func=fire, args=[config], kwargs={}, name="qai nightly run",
+                          trigger=CronTrigger.from_crontab("0 2 * * *", timezone=UTC), executor="default",
+                          misfire_grace_time=MISFIRE_GRACE_SECONDS, coalesce=True, max_instances=1,
+                          next_run_time=datetime.now(UTC) - timedelta(minutes=5)))
+        begin(services, "nr-in-progress", DAY0, lease_seconds=600)  # the old process's run, mid-way
+    finally:
+        services.close()
+
+    env = {**os.environ, "QAI_HOME": str(home)}
+    env.pop("SOFTHSM2_CONF", None)
+    proc = subprocess.Popen([sys.executable, "-m", "sdk.cli", "nightly", "serve", "--backends",
+                             "fake_manila,fake_nairobi"], env={**env, "COLUMNS": "200"}, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: list[str] = []
+    skipped = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            seen.append(line)
+            if "skipped: nightly.already_running" in line:
+                skipped.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert skipped.wait(180), "".join(seen)
+    finally:
+        proc.terminate()  # SIGTERM: the command stops its scheduler and exits
+        proc.wait(60)
+    assert proc.returncode == 0, "".join(seen)
+    assert any("nr-in-progress" in line for line in seen)
+    services = build_services(Settings(home=home))
+    try:
+        with services.db.read() as s:
+            rows = [(r.run_id, r.status) for r in s.scalars(select(NightlyRunRow))]
+        assert rows == [("nr-in-progress", "running")]
+    finally:
+        services.close()

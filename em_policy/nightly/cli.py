@@ -88,6 +88,19 @@ def serve_cmd(
             signal.signal(sig, lambda *_: stop.set())
 
         def started(sched: Any) -> None:
+            from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED
+
+            def outcome(event: Any) -> None:  # one line per fire, whatever became of it
+                if event.exception is not None:
+                    console.print(f"nightly fire at {event.scheduled_run_time.isoformat()} failed: "
+                                  f"{event.exception!r}", markup=False)
+                elif "skipped" in event.retval:
+                    console.print(f"nightly fire at {event.scheduled_run_time.isoformat()} skipped: "
+                                  f"{event.retval['skipped']}: {event.retval['message']}", markup=False)
+                else:
+                    console.print(f"nightly run {event.retval['run_id']}: {event.retval['status']}", markup=False)
+
+            sched.add_listener(outcome, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
             job = sched.get_job("qai-nightly")
             console.print(f"nightly scheduled ({cron} UTC); next run {job.next_run_time.isoformat()}")
 

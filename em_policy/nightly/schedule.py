@@ -32,8 +32,9 @@ MISFIRE_GRACE_SECONDS = 6 * 3600  # a fire missed by less than this still runs (
 _services: Services | None = None
 
 
-def fire(config: NightlyConfig) -> dict[str, Any] | None:
-    """The scheduled job (module-level, so the job store can reference it by name)."""
+def fire(config: NightlyConfig) -> dict[str, Any]:
+    """The scheduled job (module-level, so the job store can reference it by name): the run's
+    summary, or ``{"skipped": code, "message": …}`` when the database says no run may start."""
     from orchestrator.services import get_services
 
     svc = _services or get_services()
@@ -43,7 +44,7 @@ def fire(config: NightlyConfig) -> dict[str, Any] | None:
     except QaiError as exc:
         if exc.code in ("nightly.already_running", "nightly.already_done"):
             _log.warning("nightly fire skipped: %s", exc.message)
-            return None
+            return {"skipped": exc.code, "message": exc.message, **exc.details}
         raise
 
 
@@ -68,7 +69,7 @@ def scheduler(svc: Services, cron: str, config: NightlyConfig, *, start: bool = 
     job = sched.get_job(JOB_ID)
     # Keep a stored job whose schedule is unchanged: replacing it would recompute its next fire
     # from now and lose a fire missed while the process was down.
-    if job is None or str(job.trigger) != str(trigger) or job.args != (config,):
+    if job is None or str(job.trigger) != str(trigger) or tuple(job.args) != (config,):
         sched.add_job(fire, trigger, args=[config], id=JOB_ID, replace_existing=True, name="qai nightly run")
     if start:
         sched.resume()
@@ -77,10 +78,11 @@ def scheduler(svc: Services, cron: str, config: NightlyConfig, *, start: bool = 
 
 def serve(svc: Services, cron: str, config: NightlyConfig, stop: threading.Event,
           on_start: Callable[[Any], None] | None = None) -> None:
-    sched = scheduler(svc, cron, config)
+    sched = scheduler(svc, cron, config, start=False)
     try:
-        if on_start is not None:
+        if on_start is not None:  # before anything fires: a fire missed while down runs at resume()
             on_start(sched)
+        sched.resume()
         stop.wait()
     finally:
         sched.shutdown(wait=True)
