@@ -12,10 +12,13 @@ The backend id is the fake backend's ``.name`` (``fake_sherbrooke``).
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import re
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
+from urllib.parse import urlsplit
 
 from harness.calibration import CalibrationSnapshot, snapshot_from_backend
 from sdk.errors import QaiError
@@ -27,6 +30,12 @@ QUEUE_MODELS = ("exponential",)
 _COMMON_BASIS = ("delay", "id", "measure", "reset", "rz", "sx", "x")
 _INFO_FIELDS = ("backend_id", "vendor", "region", "cost_per_shot", "availability", "queue", "capabilities")
 _CAPABILITY_FIELDS = ("crypto_modes", "qkd", "max_shots", "basis_gates", "num_qubits", "two_qubit_gate", "adapter")
+# Present exactly when qkd is true: the link's key-delivery interface (ETSI GS QKD 014).
+_OPTIONAL_CAPABILITY_FIELDS = ("qkd_link",)
+QKD_LINK_FIELDS = ("kme_url", "sae_id", "only")
+# An SAE id goes into the KME's URL path (/api/v1/keys/{SAE_ID}/...): a path-safe charset means it
+# is never re-encoded and cannot reach another path.
+SAE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -37,7 +46,12 @@ class BackendInfo:
     a job starts is exponentially distributed with that mean). ``capabilities`` holds
     ``crypto_modes`` (which manifest crypto modes the backend's link supports), ``qkd`` (a QKD link
     is available), ``max_shots``, ``basis_gates``, ``num_qubits``, ``two_qubit_gate`` and
-    ``adapter`` (``ibm-like``, ``braket-like`` or ``local-aer``: how jobs are submitted).
+    ``adapter`` (``ibm-like``, ``braket-like`` or ``local-aer``: how jobs are submitted). When
+    ``qkd`` is true, and only then, ``qkd_link`` describes the link's key delivery in the manner of
+    ETSI GS QKD 014: ``{"kme_url", "sae_id", "only"}``, where ``kme_url`` is the key management
+    entity qai (the master SAE) asks for keys, ``sae_id`` the backend's SAE id (the slave SAE of
+    those requests), and ``only`` true when the backend's classical control channel is offered only
+    over the QKD-protected link (a QKD-only backend; see ``docs/qkd-hardening.md``).
     """
 
     backend_id: str
@@ -79,7 +93,7 @@ class BackendInfo:
         caps = data.get("capabilities")
         if not isinstance(caps, dict):
             raise _bad("capabilities must be an object")
-        unknown = sorted(set(caps) - set(_CAPABILITY_FIELDS))
+        unknown = sorted(set(caps) - set(_CAPABILITY_FIELDS) - set(_OPTIONAL_CAPABILITY_FIELDS))
         if unknown:
             raise _bad(f"unknown capabilities {unknown}", unknown=unknown)
         caps = dict(caps)
@@ -155,6 +169,7 @@ def _capabilities(caps: dict[str, Any]) -> dict[str, Any]:
         raise _bad(f"capabilities.crypto_modes must be a non-empty subset of {list(CRYPTO_MODES)}")
     if not isinstance(caps["qkd"], bool):
         raise _bad("capabilities.qkd must be true or false")
+    caps = _qkd_link(caps)
     for key in ("max_shots", "num_qubits"):
         if isinstance(caps[key], bool) or not isinstance(caps[key], int) or caps[key] <= 0:
             raise _bad(f"capabilities.{key} must be a positive integer")
@@ -167,6 +182,61 @@ def _capabilities(caps: dict[str, Any]) -> dict[str, Any]:
         raise _bad(f"capabilities.adapter must be one of {list(ADAPTERS)}")
     # Crypto modes in their canonical order, so that equal capabilities compare and serialise equally.
     return {**caps, "crypto_modes": [m for m in CRYPTO_MODES if m in modes], "basis_gates": sorted(gates)}
+
+
+def _qkd_link(caps: dict[str, Any]) -> dict[str, Any]:
+    """``qkd_link`` is there exactly when ``qkd`` is true, with its three fields (``field`` in the
+    error's details names the one at fault)."""
+    link = caps.get("qkd_link")
+    if not caps["qkd"]:
+        if "qkd_link" in caps:  # a link the flag denies: which one is true is anyone's guess
+            raise _bad("capabilities.qkd_link is only for a backend whose capabilities.qkd is true",
+                       field="capabilities.qkd_link")
+        return caps
+    if not isinstance(link, dict):
+        raise _bad("capabilities.qkd is true: capabilities.qkd_link must describe the link "
+                   '({"kme_url", "sae_id", "only"})', field="capabilities.qkd_link")
+    wrong = sorted(set(link) ^ set(QKD_LINK_FIELDS))
+    if wrong:
+        raise _bad(f"capabilities.qkd_link must have exactly {list(QKD_LINK_FIELDS)}; it differs on {wrong}",
+                   field="capabilities.qkd_link")
+    _kme_url(link["kme_url"])
+    if not isinstance(link["sae_id"], str) or not SAE_ID.fullmatch(link["sae_id"]):
+        raise _bad("capabilities.qkd_link.sae_id must be 1-128 characters of A-Z, a-z, 0-9, '.', '_', ':' "
+                   "and '-', starting with a letter or digit", field="capabilities.qkd_link.sae_id")
+    if not isinstance(link["only"], bool):
+        raise _bad("capabilities.qkd_link.only must be true or false", field="capabilities.qkd_link.only")
+    return {**caps, "qkd_link": {k: link[k] for k in QKD_LINK_FIELDS}}
+
+
+def _kme_url(url: Any) -> None:
+    """An https URL (ETSI GS QKD 014 delivers keys over TLS). Plain http only to a loopback host, for
+    a local mock KME: key material must not cross a network in clear. No query, fragment or
+    credentials: the client appends the API path, and a secret in a URL ends up in every log."""
+    where = "capabilities.qkd_link.kme_url"
+    if not isinstance(url, str) or not url or len(url) > 512:
+        raise _bad("capabilities.qkd_link.kme_url must be a URL of at most 512 characters", field=where)
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        _ = parts.port  # raises on a port that is not a number
+    except ValueError as exc:
+        raise _bad(f"capabilities.qkd_link.kme_url is not a URL: {exc}", field=where) from exc
+    if parts.scheme not in ("https", "http") or not host or parts.query or parts.fragment or parts.username:
+        raise _bad("capabilities.qkd_link.kme_url must be an https URL with a host and no query, fragment "
+                   "or credentials", field=where)
+    if parts.scheme == "http" and not _loopback(host):
+        raise _bad("capabilities.qkd_link.kme_url may use plain http only for a loopback host (a local mock "
+                   "KME); a KME elsewhere is reached over https", field=where)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -217,12 +287,19 @@ _BY_ID = {e.backend_id: e for e in _ENTRIES}
 
 
 def _info(e: _Entry) -> BackendInfo:
+    caps: dict[str, Any] = {"crypto_modes": list(e.crypto_modes), "qkd": e.qkd, "max_shots": e.max_shots,
+                            "basis_gates": sorted((*_COMMON_BASIS, e.two_qubit_gate)), "num_qubits": e.num_qubits,
+                            "two_qubit_gate": e.two_qubit_gate, "adapter": e.adapter}
+    if e.qkd:
+        # Assumed like the rest of the commerce: the .invalid host (RFC 2606) names no real KME, so a
+        # link check reports it unreachable. Both links also carry the classical PQC channel (only:
+        # false), so a tenant that excludes QKD, the default, can still use these backends.
+        caps["qkd_link"] = {"kme_url": f"https://kme.{e.region}.qai.invalid", "sae_id": f"qai-{e.backend_id}",
+                            "only": False}
     return BackendInfo(
         backend_id=e.backend_id, vendor=e.vendor, region=e.region, cost_per_shot=e.cost_per_shot,
         availability=e.availability, queue={"model": "exponential", "mean_wait_seconds": e.mean_wait_seconds},
-        capabilities={"crypto_modes": list(e.crypto_modes), "qkd": e.qkd, "max_shots": e.max_shots,
-                      "basis_gates": sorted((*_COMMON_BASIS, e.two_qubit_gate)), "num_qubits": e.num_qubits,
-                      "two_qubit_gate": e.two_qubit_gate, "adapter": e.adapter},
+        capabilities=caps,
     )
 
 

@@ -18,7 +18,7 @@ import hashlib
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from sdk.canonical import canonical_json
@@ -62,6 +62,10 @@ class Plugin:
     kind: Literal["filter", "score"]
     fn: Callable[..., Any]
     needs_prediction: bool = False  # judged only when the backend has a policy prediction
+    # Earlier versions of this plugin, as (version, function): a decision recorded under one of them
+    # replays with the function that took it, so changing a plugin (and bumping its version) does not
+    # make every decision signed before the change fail replay and the audit.
+    earlier: tuple[tuple[str, Callable[..., Any]], ...] = ()
 
 
 class SchedulingError(Exception):
@@ -122,14 +126,29 @@ def _score(job: Mapping[str, Any], backend: Mapping[str, Any], policy: Mapping[s
     return terms, score
 
 
+def as_recorded(recorded_plugins: Sequence[Mapping[str, Any]], plugins: Sequence[Plugin]) -> list[Plugin]:
+    """``plugins`` at the versions a decision's inputs were recorded with: the same names and kinds
+    in the same order, each at its current version or at one of its ``earlier`` ones. Anything else
+    is refused rather than decided by a function the decision was not taken with."""
+    recorded = [(p["name"], p["version"], p["kind"]) for p in recorded_plugins]
+    out: list[Plugin] = []
+    if [(n, k) for n, _, k in recorded] == [(p.name, p.kind) for p in plugins]:
+        for (_, version, _), p in zip(recorded, plugins, strict=True):
+            fn = p.fn if version == p.version else dict(p.earlier).get(version)
+            if fn is None:
+                break
+            out.append(p if fn is p.fn else replace(p, version=version, fn=fn, earlier=()))
+    if len(out) != len(recorded) or len(out) != len(plugins):
+        raise SchedulingError(f"the inputs were recorded with plugins {recorded}")
+    return out
+
+
 def decide(inputs: Mapping[str, Any], plugins: Sequence[Plugin], *, inputs_canonical: bytes | None = None
            ) -> dict[str, Any]:
     """The decision body for ``inputs`` (see the module docstring). Deterministic: the same
     inputs and plugins give the same body, byte for byte once canonical. ``inputs_canonical``, the
     inputs' RFC 8785 bytes if the caller has them, saves serialising them again."""
-    recorded = [(p["name"], p["version"], p["kind"]) for p in inputs["profile"]["plugins"]]
-    if recorded != [(p.name, p.version, p.kind) for p in plugins]:
-        raise SchedulingError(f"the inputs were recorded with plugins {recorded}")
+    plugins = as_recorded(inputs["profile"]["plugins"], plugins)
     config = inputs["profile"]["config"]
     if config_hash(config) != inputs["profile"]["config_hash"]:
         raise SchedulingError("the recorded config does not match its hash")

@@ -40,6 +40,31 @@ def capability(job: J, backend: J, policy: J, config: J) -> str | None:
 
 
 def qkd(job: J, backend: J, policy: J, config: J) -> str | None:
+    """The tenant's ``qkd`` policy against the backend's QKD link (``capabilities.qkd`` and
+    ``capabilities.qkd_link``, see ``harness.catalog``). ``required``: only backends with a QKD
+    link. ``excluded`` (the default): no backend whose classical control channel is offered only
+    over its QKD link (``qkd_link.only``); one that also offers the classical PQC channel is fine,
+    the job goes over that. ``preferred``: every backend passes; ``qkd-preference`` scores the link."""
+    caps = backend["capabilities"]
+    mode = policy.get("qkd") or "excluded"
+    if mode == "required" and not caps.get("qkd", False):
+        return "has no QKD link; the tenant's policy requires one"
+    if mode == "excluded" and qkd_only(caps):
+        return "is reachable only over its QKD link; the tenant's policy excludes QKD"
+    return None
+
+
+def qkd_only(caps: J) -> bool:
+    """Whether a backend is reachable only over its QKD link. Read from ``qkd_link.only`` alone,
+    even where ``qkd`` says false: registration refuses that contradiction, and a record that has
+    it anyway fails closed for a tenant that excludes QKD."""
+    link = caps.get("qkd_link")
+    return isinstance(link, Mapping) and link.get("only") is True
+
+
+def _qkd_v1(job: J, backend: J, policy: J, config: J) -> str | None:
+    """Version 1 of the ``qkd`` filter (``required`` only), kept so that decisions recorded under
+    it replay with it (see ``Plugin.earlier``)."""
     if policy.get("qkd", "excluded") == "required" and not backend["capabilities"].get("qkd", False):
         return "has no QKD link; the tenant's policy requires one"
     return None
@@ -119,7 +144,8 @@ def qkd_preference(job: J, backend: J, policy: J, config: J) -> dict[str, float]
 BUILTIN: tuple[Plugin, ...] = (
     Plugin("crypto-mode", "1", "filter", crypto_mode),
     Plugin("tenant-allow-list", "1", "filter", allow_list),
-    Plugin("qkd", "1", "filter", qkd),
+    # 2: `excluded` (the default) rejects backends reachable only over their QKD link
+    Plugin("qkd", "2", "filter", qkd, earlier=(("1", _qkd_v1),)),
     Plugin("status", "1", "filter", status),
     Plugin("capability", "1", "filter", capability),
     Plugin("prediction", "1", "filter", prediction),
