@@ -5,19 +5,21 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qai-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := softhsm2 opensc chromium
+APT_PACKAGES := softhsm2 opensc chromium prometheus
 PYTEST_ARGS ?= -n 2
 
 .PHONY: setup system-packages services demo test lint typecheck bench bench-kms bench-ledger bench-ingest bench-harness bench-nightly bench-policy bench-scheduler clean
 
 setup: system-packages $(STAMP)
 
-# apt-installs what the embedded default needs, only when it is missing.
+# apt-installs what the embedded default needs, only when it is missing (prometheus: for promtool,
+# which tests/test_infra.py runs on infra/prometheus/).
 system-packages:
 	@missing=""; \
 	command -v softhsm2-util >/dev/null || missing="$$missing softhsm2"; \
 	command -v pkcs11-tool >/dev/null || missing="$$missing opensc"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
