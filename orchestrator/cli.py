@@ -172,6 +172,7 @@ def register(app: typer.Typer) -> None:
     from harness.cli import harness_app
     from kms.cli import keys_app, kms_app
     from kms.tls.cli import tls_app
+    from orchestrator.supplychain_cli import supplychain_app
     from scheduler.cli import scheduler_app
     from scheduler.worker_cli import worker
 
@@ -192,5 +193,6 @@ def register(app: typer.Typer) -> None:
 
     audit_app.command("lineage")(lineage_cmd)  # needs the server's stores: it joins the auditor's group here
     app.add_typer(report_app, name="report")
+    app.add_typer(supplychain_app, name="supplychain")
     app.command("worker")(worker)
     app.command("demo")(demo)
