@@ -30,6 +30,7 @@ from em_policy.features import (
     parse_qasm,
 )
 from em_policy.policy import UNLIMITED_RATIO, PolicyModel
+from orchestrator import metrics
 from sdk.errors import QaiError
 
 if TYPE_CHECKING:
@@ -240,6 +241,7 @@ class PolicyService:
             except QaiError as err:
                 # a server-side error is not the request's, except a snapshot that no longer matches
                 # its id: that one backend's calibration is unusable, the others are not
+                metrics.POLICY_REFUSED.labels(err.code).inc()
                 if err.status >= 500 and err.code != "calibration.id_mismatch":
                     raise
                 results[i] = err
@@ -251,6 +253,9 @@ class PolicyService:
             contexts.append((i, *context))
         decisions = model.decide(rows, ratios, notes, outside) if rows else []
         for d, (i, req, snap, features, sps) in zip(decisions, contexts, strict=True):
+            metrics.POLICY_PREDICTIONS.labels(d.method).inc()
+            metrics.POLICY_SHOT_MULTIPLIER.observe(d.shot_multiplier)
+            metrics.POLICY_EXPECTED_FIDELITY.observe(d.expected_fidelity)
             shots = math.ceil(req.shots * d.shot_multiplier)
             results[i] = Prediction(
                 method=d.method, params=method_params(d.method, model, version), shot_multiplier=d.shot_multiplier,

@@ -23,6 +23,7 @@ from sqlalchemy import Table, select
 from sqlalchemy.orm import Session
 
 from kms.models import KmsAuditRecord
+from orchestrator import metrics
 from orchestrator.db import Database, GroupCommit, insert_rows, utcnow
 from sdk.canonical import canonical_json
 
@@ -111,6 +112,8 @@ class AuditWriter:
             if exc is not None:
                 outer.set_exception(exc)
             else:
+                for e in events:
+                    metrics.KMS_AUDIT_RECORDS.labels(e.operation, e.result).inc()
                 heads = f.result()
                 outer.set_result(heads[-1] if heads else "")
 

@@ -36,6 +36,7 @@ from pkcs11 import exceptions as p11e
 from pkcs11.mechanisms import GCMParams, MLDSAParameterSet
 from pkcs11.util.ec import encode_named_curve_parameters
 
+from orchestrator import metrics
 from sdk.errors import QaiError
 
 SEAL_FORMAT_V1 = b"\x01"
@@ -236,14 +237,17 @@ class Hsm:
         assert self._pool is not None
         pooled = self._pool.get(timeout=30)
         self.in_use += 1
+        metrics.HSM_SESSIONS_ACQUIRED.inc()
         try:
             with self._call_lock:
                 yield pooled
         except QaiError:
             self.errors += 1
+            metrics.HSM_SESSION_ERRORS.labels(operation).inc()
             raise
         except p11e.PKCS11Error as exc:
             self.errors += 1
+            metrics.HSM_SESSION_ERRORS.labels(operation).inc()
             pooled.keys.clear()
             raise hsm_error(exc, operation=operation) from exc
         finally:

@@ -32,6 +32,7 @@ from kms.audit import AuditEvent
 from kms.hsm import HSM_ALGORITHMS, Hsm
 from kms.models import KmsKey, KmsKeyComponent, KmsKeyVersion
 from kms.providers import PrivateKey, get_provider, provider_for
+from orchestrator import metrics
 from orchestrator.auth import Principal, Role, get_tenant
 from orchestrator.db import Database, utcnow
 from sdk.algorithms import get_algorithm
@@ -302,6 +303,7 @@ class KMS:
             version = self._signing_version(name, principal)
             to_sign = [self._check_input(item, prehash) for item in items]
         except QaiError as exc:
+            metrics.SIGNATURES.labels("sign", "unknown", "error").inc()
             self._audit_error(principal, "sign", name, None, exc.code)
             raise
         now = self.clock()
@@ -333,9 +335,11 @@ class KMS:
             ]
         except QaiError as exc:
             committed.exception()
+            metrics.SIGNATURES.labels("sign", version.suite, "error").inc(len(to_sign))
             self._audit_error(principal, "sign", name, version.version, exc.code)
             raise
         committed.result()
+        metrics.SIGNATURES.labels("sign", version.suite, "ok").inc(len(bundles))
         return bundles
 
     def verify(
@@ -348,13 +352,19 @@ class KMS:
     ) -> KeyVersionDocument:
         """Verify a bundle against the stored public keys; failures are audited."""
         name = bundle.parts[0].key_name if bundle.parts else None
+        suite = "unknown"  # the label is the stored key's suite, never the caller's string
         try:
             if name is None:
                 raise VerificationError("signature.missing_part", "bundle has no signatures")
-            return verify_bundle(bundle, message, self.public_key(name), at=at)
+            key = self.public_key(name)
+            suite = key.suite
+            verified = verify_bundle(bundle, message, key, at=at)
         except QaiError as exc:
+            metrics.SIGNATURES.labels("verify", suite, "error").inc()
             self._audit_error(principal, "verify", name, None, exc.code)
             raise
+        metrics.SIGNATURES.labels("verify", suite, "ok").inc()
+        return verified
 
     # -- KEM ----------------------------------------------------------------------------------
     def encapsulate(self, name: str) -> tuple[int, bytes, bytes]:

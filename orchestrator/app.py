@@ -2,7 +2,8 @@
 
 Every component's router is thin; logic lives in each package's service module. Probes:
 ``/healthz`` (the process is alive) and ``/readyz`` (database, object store, HSM and, when configured,
-the Redis job queue reachable).
+the Redis job queue reachable). Every component also serves ``/metrics`` (Prometheus; like the probes,
+unauthenticated: see docs/telemetry.md).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
 
 from orchestrator.http import BodySizeLimit, ServicesDep, install_error_handlers
+from orchestrator.metrics import RequestMetrics, metrics_router
 from orchestrator.services import Services, get_services
 from sdk.errors import QaiError
 
@@ -77,6 +79,9 @@ def create_app(services: Services | None = None, components: Sequence[str] = COM
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if getattr(app.state, "services", None) is None:
             app.state.services = get_services()
+        from orchestrator.metrics import bind
+
+        bind(app.state.services)
         if "ledger" in components:
             app.state.services.ledger.start()
         if "jobs" in components:
@@ -106,11 +111,13 @@ def create_app(services: Services | None = None, components: Sequence[str] = COM
     app.state.services = services
     install_error_handlers(app)
     app.include_router(health)
+    app.include_router(metrics_router())
     for component in components:
         for router in _routers(component):
             app.include_router(router)
     limit = services.settings.max_request_bytes if services else get_services_limit()
     app.add_middleware(BodySizeLimit, limit=limit)
+    app.add_middleware(RequestMetrics)  # outermost: times the whole request, the 413s included
     return app
 
 

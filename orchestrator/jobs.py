@@ -27,6 +27,7 @@ from sqlalchemy import LargeBinary, String, Table, Text, bindparam, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.types import BigInteger, Integer
 
+from orchestrator import metrics
 from orchestrator.auth import Principal, Role, get_tenant
 from orchestrator.db import BackgroundLoop, Base, Database, UTCDateTime, insert_rows, utcnow
 from orchestrator.ledger import Ledger, LedgerWrite
@@ -158,20 +159,29 @@ class Jobs:
 
     def submit(self, body: bytes, principal: Principal) -> Submitted:
         """Submit one envelope (JSON or YAML bytes); raises the :class:`QaiError` that rejects it."""
-        result = self.submit_many([load_document(body)], principal)[0]
+        try:
+            document = load_document(body)
+        except QaiError as exc:
+            metrics.JOBS_REJECTED.labels(exc.code).inc()
+            raise
+        result = self.submit_many([document], principal)[0]
         if isinstance(result, QaiError):
             raise result
         return result
 
     def submit_batch(self, body: bytes, principal: Principal) -> list[Submitted | QaiError]:
         """``{"envelopes": [...]}`` (JSON or YAML bytes) → one result per envelope, in order."""
-        document = load_document(body, max_bytes=len(body))  # the HTTP layer bounds the size
-        envelopes = document.get("envelopes") if isinstance(document, dict) else None
-        if not isinstance(envelopes, list) or set(document) != {"envelopes"}:
-            raise QaiError("job.bad_batch", 'a batch is {"envelopes": [envelope, ...]}', status=422)
-        if not 1 <= len(envelopes) <= MAX_BATCH:
-            raise QaiError("job.bad_batch", f"a batch holds 1 to {MAX_BATCH} envelopes, not {len(envelopes)}",
-                           status=422, details={"max": MAX_BATCH})
+        try:
+            document = load_document(body, max_bytes=len(body))  # the HTTP layer bounds the size
+            envelopes = document.get("envelopes") if isinstance(document, dict) else None
+            if not isinstance(envelopes, list) or set(document) != {"envelopes"}:
+                raise QaiError("job.bad_batch", 'a batch is {"envelopes": [envelope, ...]}', status=422)
+            if not 1 <= len(envelopes) <= MAX_BATCH:
+                raise QaiError("job.bad_batch", f"a batch holds 1 to {MAX_BATCH} envelopes, not {len(envelopes)}",
+                               status=422, details={"max": MAX_BATCH})
+        except QaiError as exc:
+            metrics.JOBS_REJECTED.labels(exc.code).inc()
+            raise
         return self.submit_many(envelopes, principal)
 
     def submit_many(self, documents: Sequence[Any], principal: Principal) -> list[Submitted | QaiError]:
@@ -217,6 +227,11 @@ class Jobs:
             out = first.outcome
             results[pos] = Submitted(out.job_id, False, out.receipt) if isinstance(out, Submitted) else out
         assert all(r is not None for r in results)
+        for r in results:
+            if isinstance(r, QaiError):
+                metrics.JOBS_REJECTED.labels(r.code).inc()
+            elif r is not None and r.created:
+                metrics.JOBS_INGESTED.inc()
         return results  # type: ignore[return-value]
 
     def _check(self, document: Any, principal: Principal, keys: dict[str, KeyDocument | QaiError],
@@ -233,7 +248,12 @@ class Jobs:
         key = keys[name]
         if isinstance(key, QaiError):
             raise key
-        verified = verify_manifest(env, key)
+        try:
+            verified = verify_manifest(env, key)
+        except QaiError:
+            metrics.SIGNATURES.labels("verify", key.suite, "error").inc()
+            raise
+        metrics.SIGNATURES.labels("verify", key.suite, "ok").inc()
         m = verified.manifest
         principal.require(m.tenant, Role.SUBMITTER, Role.SIGNER, Role.OPERATOR, action="submitting a job")
         if m.tenant not in policies:

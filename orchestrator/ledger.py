@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from sqlalchemy import BigInteger, LargeBinary, String, Table, Text, func, selec
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from kms.service import KMS
+from orchestrator import metrics
 from orchestrator.auth import Principal, ensure_tenant
 from orchestrator.db import BackgroundLoop, Base, Database, GroupCommit, UTCDateTime, insert_rows, utcnow
 from orchestrator.objects import ObjectStore
@@ -221,8 +223,10 @@ class Ledger:
     def submit(self, entries: Iterable[LedgerEntry | LedgerWrite]) -> Future[list[IndexedEntry | BaseException]]:
         """Queue entries and writes; the future has one result per entry, writes' entries inline."""
         flat: Future[list[IndexedEntry | BaseException]] = Future()
+        start = time.perf_counter()
 
         def done(f: Future[list[list[IndexedEntry | BaseException]]]) -> None:
+            metrics.LEDGER_APPEND_SECONDS.observe(time.perf_counter() - start)
             try:
                 flat.set_result([r for per_item in f.result() for r in per_item])
             except BaseException as exc:
@@ -295,6 +299,8 @@ class Ledger:
         if not appended:
             return
         size = appended[-1].index + 1
+        metrics.LEDGER_SIZE.set(size)
+        metrics.LEDGER_APPENDED.inc(len(appended))
         if size - self._checkpointed >= self.config.checkpoint_every:
             # Re-read before signing: another process may have checkpointed since we last looked.
             latest = self.latest_checkpoint_row()
@@ -435,6 +441,7 @@ class Ledger:
                 s.add(LedgerCheckpointRow(size=size, root=root.hex(), at=cp.timestamp, note=note,
                                           key_name=key.name, key_version=bundle.parts[0].version))
             self._checkpointed = size
+            metrics.LEDGER_CHECKPOINTS.inc()
             self.publish()
             return SignedCheckpoint(cp, note)
 

@@ -156,6 +156,18 @@ BUILTIN: tuple[Plugin, ...] = (
 )
 
 
+def crypto_violations(job: J, backend: J, policy: J) -> list[str]:
+    """The crypto requirements (job crypto mode and the tenant's minimum, allowed backends, QKD)
+    that ``backend`` fails, checked apart from any profile: a tenant profile may leave filters out,
+    and the ``qai_scheduler_crypto_violations_total`` counter (expected 0) counts what slips through."""
+    found = []
+    for check in (crypto_mode, allow_list, qkd):
+        reason = check(job, backend, policy, {})
+        if reason is not None:
+            found.append(f"{check.__name__}: {reason}")
+    return found
+
+
 def available() -> dict[str, Plugin]:
     """Built-ins plus every plugin installed under the entry-point group, by name."""
     found = {p.name: p for p in BUILTIN}

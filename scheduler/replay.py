@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from orchestrator import metrics
 from scheduler.engine import SchedulingError, decide
 from scheduler.plugins import resolve
 from sdk.canonical import canonical_json
@@ -118,7 +119,13 @@ def replay(svc: Services, decision_id: str, *, deep: bool = True) -> ReplayRepor
     from scheduler.service import scheduler
 
     s = scheduler(svc)
-    document = s.load(s.row(decision_id))
+    row = s.row(decision_id)  # a decision that does not exist is not a replay failure
+    try:
+        document = s.load(row)
+    except QaiError as exc:
+        if exc.code == "scheduler.decision_tampered":
+            _failed("tampered")
+        raise
     try:
         differences = replay_document(document)
     except (QaiError, SchedulingError, KeyError, TypeError, ValueError) as exc:
@@ -127,7 +134,16 @@ def replay(svc: Services, decision_id: str, *, deep: bool = True) -> ReplayRepor
     report = ReplayReport(decision_id, not differences, differences)
     if deep:
         report.checks = rederive(svc, document)
+    if report.ok:
+        metrics.SCHEDULER_REPLAYS.labels("ok").inc()
+    else:
+        _failed("mismatch" if differences else "rederive")
     return report
+
+
+def _failed(reason: str) -> None:
+    metrics.SCHEDULER_REPLAYS.labels("failed").inc()
+    metrics.SCHEDULER_REPLAY_FAILURES.labels(reason).inc()
 
 
 def rederive(svc: Services, document: Mapping[str, Any]) -> list[Check]:

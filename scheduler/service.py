@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import threading
 import time
@@ -31,6 +32,7 @@ from sqlalchemy import Float, ForeignKey, String, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.types import BigInteger
 
+from orchestrator import metrics
 from orchestrator.auth import Principal, Role, check_crypto_policy, get_tenant
 from orchestrator.db import Base, JSONType, UTCDateTime, insert_rows, utcnow
 from scheduler.engine import (
@@ -42,7 +44,7 @@ from scheduler.engine import (
     profile,
     rejections,
 )
-from scheduler.plugins import BUILTIN, resolve
+from scheduler.plugins import BUILTIN, crypto_violations, resolve
 from sdk.canonical import canonical_json
 from sdk.dsse import envelope_bytes, envelope_from_bundle, pae, parse_envelope, verify_envelope
 from sdk.errors import QaiError
@@ -53,6 +55,8 @@ if TYPE_CHECKING:
     from em_policy.service import PolicyService, PredictRequest
     from orchestrator.jobs import ManifestRow
     from orchestrator.services import Services
+
+log = logging.getLogger(__name__)
 
 DECISION_PAYLOAD_TYPE = "application/vnd.qai.scheduler-decision.v1+json"
 DECISION_STATEMENT = "qai.scheduler.decision.v1"
@@ -360,6 +364,13 @@ class Scheduler:
         inputs_canonical = canonical_json(self.gather(manifest, row, plugins, prof, policy, now))
         inputs = json.loads(inputs_canonical)
         body = decide(inputs, plugins, inputs_canonical=inputs_canonical)
+        if body["chosen"] is not None:
+            chosen_record = next(b for b in inputs["backends"] if b["backend_id"] == body["chosen"]["backend_id"])
+            found = crypto_violations(inputs["job"], chosen_record, policy)
+            if found:  # the decision stands as recorded (it replays); the counter and the log raise the alarm
+                metrics.SCHEDULER_CRYPTO_VIOLATIONS.labels("schedule").inc()
+                log.error("decision for job %s chose %s, which fails the crypto requirements: %s", job_id,
+                          body["chosen"]["backend_id"], "; ".join(found))
         try:
             decision = self._record(row, inputs, body, now, inputs_canonical=inputs_canonical)
         except QaiError as err:
@@ -448,6 +459,7 @@ class Scheduler:
                            inputs["job"]["priority_class"])
 
         indexed = self.svc.ledger.append([LedgerWrite([entry], before=before)])[0]
+        metrics.observe_decision(body)
         if chosen is not None:
             self._queued(chosen["backend_id"], inputs["job"]["priority_class"], float(run_seconds or 0.0))
         return Decision(decision_id, row.job_id, True, document, path, self.svc.ledger.receipt(indexed.index))

@@ -427,6 +427,8 @@ def plan_job(svc: Services, job_id: str, manifest: RunManifest, chosen: Mapping[
         if backend is None:
             raise QaiError("backends.unknown_backend", f"backend {backend_id!r} is not registered", status=404)
         kind = str(backend.capabilities.get("adapter", "local-aer"))
+        capabilities = dict(backend.capabilities)
+    _check_crypto(svc, job_id, manifest, backend_id, capabilities)
     circuit = unitary_part(parse_qasm(circuit_qasm(svc, manifest)))
     if circuit.num_qubits > snap.num_qubits:
         raise QaiError("worker.circuit_too_large", f"{circuit.num_qubits} qubits do not fit {backend_id} "
@@ -437,6 +439,23 @@ def plan_job(svc: Services, job_id: str, manifest: RunManifest, chosen: Mapping[
                        observables={label: parse_observable(None, circuit.num_qubits)}, params={})
     task = Task(spec, snap, (method_for(svc, chosen),), manifest.shots, manifest.seed)
     return Plan(task=task, snapshot=snap, backend_adapter=kind, observable=label)
+
+
+def _check_crypto(svc: Services, job_id: str, manifest: RunManifest, backend_id: str,
+                  capabilities: Mapping[str, Any]) -> None:
+    """The chosen backend as registered now against the job's crypto mode and its tenant's crypto
+    policy: a backend whose link lost a mode since the decision counts as a crypto-policy violation
+    (``qai_scheduler_crypto_violations_total{stage="dispatch"}``, expected 0). Counted and logged."""
+    from orchestrator import metrics
+    from orchestrator.auth import get_tenant
+    from scheduler.plugins import crypto_violations
+
+    policy = get_tenant(svc.db, manifest.tenant).crypto_policy or {}
+    job = {"crypto_mode": manifest.crypto_mode, "backend_id": manifest.backend_id}
+    found = crypto_violations(job, {"backend_id": backend_id, "capabilities": capabilities}, policy)
+    if found:
+        metrics.SCHEDULER_CRYPTO_VIOLATIONS.labels("dispatch").inc()
+        log.error("job %s runs on %s, which fails the crypto requirements: %s", job_id, backend_id, "; ".join(found))
 
 
 def make_runner(svc: Services, plan: Plan, guard: Guard

@@ -27,6 +27,10 @@ MISSING_RUNS = Gauge("qai_nightly_backend_missing_runs", "Consecutive nightly ru
                      "from (0 when present)", ["backend_id"])
 LAST_RUN_OK = Gauge("qai_nightly_last_run_ok", "1 if the last nightly run ended ok or partial, 0 if it failed")
 LAST_RUN_TIME = Gauge("qai_nightly_last_run_timestamp_seconds", "Unix time the last nightly run published")
+PREDICTED = Gauge("qai_nightly_predicted_fidelity_ratio", "Mean expected post-EM fidelity the champion predicted in "
+                  "the last nightly run, per backend and chosen method", ["backend_id", "method"])
+OBSERVED = Gauge("qai_nightly_observed_fidelity_ratio", "Mean fidelity the harness observed in the last nightly run "
+                 "for the champion's chosen method, per backend and method", ["backend_id", "method"])
 
 
 def payload(alert: Mapping[str, Any], *, run_id: str, link: str) -> dict[str, Any]:
@@ -59,8 +63,10 @@ def deliver(alerts: Sequence[Mapping[str, Any]], *, run_id: str, url: str | None
 
 
 def export(run_id: str, status: str, steps: Sequence[Mapping[str, Any]], drift: Mapping[str, Mapping[str, Any]],
-           missing_streaks: Mapping[str, int], alerts: Sequence[Mapping[str, Any]]) -> None:
-    """Set the gauges from the last run (a backend absent from ``drift`` keeps no stale alert)."""
+           missing_streaks: Mapping[str, int], alerts: Sequence[Mapping[str, Any]], *,
+           predicted_vs_observed: Sequence[Mapping[str, Any]] = (), published_at: float | None = None) -> None:
+    """Set the gauges from the last run (a backend absent from ``drift`` keeps no stale alert, and
+    the predicted/observed pairs are those of this run only)."""
     for labels in list(DRIFT_ALERT._metrics):  # every backend seen before: cleared, then set again below
         DRIFT_ALERT.labels(*labels).set(0)
     for labels in list(MISSING_RUNS._metrics):
@@ -76,5 +82,10 @@ def export(run_id: str, status: str, steps: Sequence[Mapping[str, Any]], drift: 
         STEP_SECONDS.labels(step["name"]).set(float(step["seconds"]))
     for backend, n in missing_streaks.items():
         MISSING_RUNS.labels(backend).set(n)
+    PREDICTED.clear()
+    OBSERVED.clear()
+    for pair in predicted_vs_observed:
+        PREDICTED.labels(pair["backend_id"], pair["method"]).set(float(pair["predicted"]))
+        OBSERVED.labels(pair["backend_id"], pair["method"]).set(float(pair["observed"]))
     LAST_RUN_OK.set(0 if status == "failed" else 1)
-    LAST_RUN_TIME.set(time.time())
+    LAST_RUN_TIME.set(time.time() if published_at is None else published_at)

@@ -639,7 +639,9 @@ def publish(run: Run, *, status: str) -> None:
     sent = alerts.deliver(run.alerts, run_id=run.run_id, url=run.config.webhook_url,
                           link=run.config.report_url or run.out["report"]["local"])
     run.out["webhook"] = sent
-    alerts.export(run.run_id, status, run.steps, run.out.get("drift", {}), streaks, run.alerts)
+    run.out["missing_streaks"] = streaks  # the services' /metrics restore the gauges from the summary
+    alerts.export(run.run_id, status, run.steps, run.out.get("drift", {}), streaks, run.alerts,
+                  predicted_vs_observed=run.out.get("predicted_vs_observed", []))
     run.attest("publish", subjects, inputs={"dataset": run.out.get("dataset"), "status": status},
                outputs={"alerts": run.alerts, "webhook": sent})
 
