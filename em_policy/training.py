@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 from em_policy.bundle import dumps
 from em_policy.dataset import load
 from em_policy.policy import Fitted, TrainConfig, fit
-from sdk.errors import QaiError
 from sdk.output import progress
 
 if TYPE_CHECKING:
@@ -57,13 +56,10 @@ def register_fitted(svc: Services, fitted: Fitted, bundle: bytes, dataset_sha256
     """Store the feature tables and register ``bundle`` (``fitted``'s model) with its validation
     figures, plus ``extra_metrics`` (the nightly pipeline's holdout MAE)."""
     from em_policy import registry
+    from orchestrator.objects import put_once
 
     for path, blob in feature_tables(fitted, dataset_sha256, config):
-        try:
-            svc.objects.put(path, blob)
-        except QaiError as err:
-            if err.code != "object.exists":
-                raise
+        put_once(svc.objects, path, blob)
     meta = fitted.model.metadata
     metrics = {k: float(v) for k, v in meta["validation"].items() if isinstance(v, float)}
     metrics.update(extra_metrics or {})

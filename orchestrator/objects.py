@@ -57,6 +57,16 @@ class ObjectStore(Protocol):
     def location(self) -> str: ...
 
 
+def put_once(store: ObjectStore, key: str, data: bytes) -> None:
+    """Store content-addressed bytes: the key names a digest of ``data``, so finding it already
+    there (``object.exists``) means the same bytes were stored before, and is not an error."""
+    try:
+        store.put(key, data)
+    except QaiError as err:
+        if err.code != "object.exists":
+            raise
+
+
 def _each(put: Callable[[str, bytes], None], items: Sequence[tuple[str, bytes]]) -> list[QaiError | None]:
     """``put`` every item; one result per item: None, or the error that refused it."""
     results: list[QaiError | None] = []

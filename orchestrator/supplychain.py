@@ -48,6 +48,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from orchestrator.objects import put_once
 from sdk.dsse import Envelope, envelope_bytes, envelope_from_bundle, pae, parse_envelope, verify_envelope
 from sdk.errors import QaiError
 from sdk.ledger import SYSTEM_TENANT, LedgerEntry
@@ -486,11 +487,7 @@ def _ledger(svc: Services, files: Mapping[str, bytes]) -> dict[str, dict[str, An
     for _name, data in files.items():
         sha = hashlib.sha256(data).hexdigest()
         path = f"supplychain/{sha}.json"
-        try:
-            svc.objects.put(path, data)
-        except QaiError as err:
-            if err.code != "object.exists":
-                raise
+        put_once(svc.objects, path, data)
         entries.append(LedgerEntry(type=ENTRY_TYPE, sha256=sha, path=path, tenant=SYSTEM_TENANT, time=at))
     appended = svc.ledger.append(entries)
     return {name: {"sha256": e.sha256, "path": e.path, "ledger_index": e.index}

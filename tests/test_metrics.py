@@ -8,11 +8,9 @@ from __future__ import annotations
 import base64
 import json
 import re
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -29,7 +27,7 @@ from tests.ledger_helpers import ledger_services
 from tests.test_jobs import _sign
 from tests.test_manifest import manifest
 from tests.test_policy import GHZ3
-from tests.test_scheduler_service import data_path, ready  # noqa: F401  (the trained-model fixture)
+from tests.test_scheduler_service import _wait_for, data_path, ready  # noqa: F401  (the trained-model fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARDS = sorted((ROOT / "infra" / "grafana" / "dashboards").glob("*.json"))
@@ -98,16 +96,6 @@ def scrape(url: str) -> Scrape:
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == CONTENT_TYPE_LATEST
     return Scrape(r.text)
-
-
-def _wait_for(c: httpx.Client, job_id: str, status: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 300
-    while True:
-        job = c.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] == status:
-            return dict(job)
-        assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
-        time.sleep(0.2)
 
 
 def _tls_handshake(services: Services, tmp_path: Path) -> None:

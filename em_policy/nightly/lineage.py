@@ -68,6 +68,7 @@ def attest(svc: Services, run_id: str, step: str, subjects: Mapping[str, str], p
     """Sign, store and ledger the statement of ``step``; the run's row lists it in the same transaction."""
     from orchestrator.auth import Principal
     from orchestrator.ledger import LedgerWrite
+    from orchestrator.objects import put_once
 
     key = lineage_key(svc)
     at = datetime.now(UTC)  # after the key exists: the statement is verified as of its ledger time
@@ -76,11 +77,7 @@ def attest(svc: Services, run_id: str, step: str, subjects: Mapping[str, str], p
     envelope = envelope_bytes(envelope_from_bundle(PAYLOAD_TYPE, payload, bundle))
     sha = hashlib.sha256(envelope).hexdigest()
     path = f"nightly/lineage/{sha}.dsse.json"
-    try:
-        svc.objects.put(path, envelope)
-    except QaiError as err:
-        if err.code != "object.exists":
-            raise
+    put_once(svc.objects, path, envelope)
     entry = LedgerEntry(type=ENTRY_TYPE, sha256=sha, path=path, tenant=SYSTEM_TENANT, time=at)
     found: list[Attestation] = []
 

@@ -291,11 +291,9 @@ def refresh(run: Run, source: SnapshotSource) -> list[CalibrationSnapshot]:
 
 
 def _put(svc: Services, path: str, data: bytes) -> None:
-    try:
-        svc.objects.put(path, data)
-    except QaiError as err:  # content-addressed: the same bytes are already there
-        if err.code != "object.exists":
-            raise
+    from orchestrator.objects import put_once
+
+    put_once(svc.objects, path, data)
 
 
 # --------------------------------------------------------------------------------------- 2. workload
