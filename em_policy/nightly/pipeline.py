@@ -30,7 +30,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from em_policy.nightly.drift import BackendDrift, Thresholds, calibration_errors, judge, prediction_drift, psi
 from em_policy.nightly.lineage import attest
@@ -234,11 +234,12 @@ def _steps(run: Run, source: SnapshotSource, quiet: bool) -> None:
     with run.step("store"):
         frame = store(run, snapshots, outputs)
     with run.step("drift") as record:
-        drifts = drift(run, frame, snapshots)
+        current = champion(run.svc)  # loaded once: drift measures it, retraining has to beat it
+        drifts = drift(run, frame, snapshots, current)
         if drifts is None:
             record["status"] = "skipped"
     with run.step("retrain") as record:
-        if not retrain(run, frame, drifts):
+        if not retrain(run, frame, drifts, current):
             record["status"] = "skipped"
     with run.step("publish"):
         publish(run, status="partial" if run.missing else "ok")
@@ -402,12 +403,12 @@ def decisions(model: PolicyModel, frame: pd.DataFrame, config: TrainConfig) -> p
     return res.merge(split, on=["circuit_id", "observable", "calibration_snapshot_id"], how="left")
 
 
-def drift(run: Run, frame: pd.DataFrame, snapshots: Sequence[CalibrationSnapshot]) -> dict[str, BackendDrift] | None:
+def drift(run: Run, frame: pd.DataFrame, snapshots: Sequence[CalibrationSnapshot], current: Champion | None
+          ) -> dict[str, BackendDrift] | None:
     """Per backend, the champion's prediction drift and the calibration's feature drift. None
     when there is no champion yet (nothing to drift from)."""
     from harness.backends import get_snapshot
 
-    current = champion(run.svc)
     if current is None:
         run.out["drift"] = {}
         return None
@@ -477,7 +478,8 @@ def _mae(res: pd.DataFrame) -> float | None:
     return float((seen["expected_fidelity"] - seen["observed_fidelity"]).abs().mean())
 
 
-def retrain(run: Run, frame: pd.DataFrame, drifts: Mapping[str, BackendDrift] | None) -> bool:
+def retrain(run: Run, frame: pd.DataFrame, drifts: Mapping[str, BackendDrift] | None, current: Champion | None
+            ) -> bool:
     """Train a candidate when drift is over a threshold (or there is no champion yet); promote it
     only if it beats the champion on the post-drift holdout: tonight's held-out circuits on the
     drifted backends (every backend when none drifted). Returns whether a candidate was trained."""
@@ -491,7 +493,6 @@ def retrain(run: Run, frame: pd.DataFrame, drifts: Mapping[str, BackendDrift] | 
     if drifts is not None and not drifted and not run.config.force_retrain:
         run.out["retrain"] = {"trained": False, "reason": "no drift over its threshold"}
         return False
-    current = champion(run.svc)
     data, datasets = training_frame(run.svc, (run.out["dataset"], run.out["dataset_parquet"]))
     with tempfile.TemporaryDirectory(prefix="qai-nightly-") as tmp:
         path = Path(tmp, "training.parquet")
@@ -553,10 +554,9 @@ def report_data(svc: Services, run: Run, status: str) -> dict[str, Any]:
 
     with svc.db.read() as s:
         rows = s.scalars(select(NightlyRunRow).order_by(NightlyRunRow.scheduled_for, NightlyRunRow.started_at)).all()
-        decisions_by_backend: dict[str, int] = {}
-        for backend_id, in s.execute(select(DecisionRow.chosen_backend)):
-            if backend_id is not None:
-                decisions_by_backend[backend_id] = decisions_by_backend.get(backend_id, 0) + 1
+        decisions_by_backend = {str(b): int(n) for b, n in s.execute(
+            select(DecisionRow.chosen_backend, func.count()).where(DecisionRow.chosen_backend.is_not(None))
+            .group_by(DecisionRow.chosen_backend))}
     current = {**run.out, "missing": run.missing}
     history = []
     for r in rows:
