@@ -212,7 +212,9 @@ def kms_selftest(as_json: JsonFlag = False) -> None:
 def kms_token_objects(as_json: JsonFlag = False) -> None:
     """List the token's private and secret key objects with their protection attributes."""
     with cli_errors(as_json):
-        objs = services().hsm.key_objects()
+        from orchestrator.services import require_hsm
+
+        objs = require_hsm(services(), "qai kms token-objects").key_objects()
     if as_json:
         print_json(objs)
     else:

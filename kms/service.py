@@ -135,6 +135,43 @@ class _UnsealedCache:
         self._items.pop(key)
 
 
+def read_public_key(db: Database, name: str) -> KeyDocument:
+    """A key's public document (every version, its state and public keys) from the database.
+
+    Public data only: a process that signs through a remote KMS (:mod:`kms.remote`) reads it
+    here too, without the HSM.
+    """
+    with db.read() as s:
+        key = s.get(KmsKey, name)
+        if key is None:
+            raise QaiError("kms.key_not_found", f"no key named {name!r}", status=404)
+        versions = list(s.scalars(select(KmsKeyVersion).where(KmsKeyVersion.key_name == name)
+                                  .order_by(KmsKeyVersion.version)))
+        comps = list(s.scalars(select(KmsKeyComponent).where(KmsKeyComponent.key_name == name)))
+    by_version: dict[int, dict[str, str]] = {}
+    for c in comps:
+        by_version.setdefault(c.version, {})[c.alg] = b64encode(c.public_key)
+    return KeyDocument(
+        name=key.name, tenant=key.tenant, purpose=key.purpose,  # type: ignore[arg-type]
+        suite=key.suite, created_at=key.created_at,
+        versions=[KeyVersionDocument(
+            version=v.version, state=v.state,  # type: ignore[arg-type]
+            created_at=v.created_at, disabled_at=v.disabled_at, revoked_at=v.revoked_at,
+            revocation_reason=v.revocation_reason, public_keys=by_version.get(v.version, {}),
+        ) for v in versions],
+    )
+
+
+def read_public_keys(db: Database, *, principal: Principal, tenant: str | None = None) -> list[KeyDocument]:
+    """The public documents of the keys ``principal`` may read, by name."""
+    with db.read() as s:
+        q = select(KmsKey.name, KmsKey.tenant).order_by(KmsKey.name)
+        if tenant is not None:
+            q = q.where(KmsKey.tenant == tenant)
+        rows = s.execute(q).all()
+    return [read_public_key(db, n) for n, t in rows if principal.can_read(t)]
+
+
 class KMS:
     def __init__(
         self,
@@ -398,33 +435,10 @@ class KMS:
 
     # -- reads --------------------------------------------------------------------------------
     def public_key(self, name: str) -> KeyDocument:
-        with self.db.read() as s:
-            key = s.get(KmsKey, name)
-            if key is None:
-                raise QaiError("kms.key_not_found", f"no key named {name!r}", status=404)
-            versions = list(s.scalars(select(KmsKeyVersion).where(KmsKeyVersion.key_name == name)
-                                      .order_by(KmsKeyVersion.version)))
-            comps = list(s.scalars(select(KmsKeyComponent).where(KmsKeyComponent.key_name == name)))
-        by_version: dict[int, dict[str, str]] = {}
-        for c in comps:
-            by_version.setdefault(c.version, {})[c.alg] = b64encode(c.public_key)
-        return KeyDocument(
-            name=key.name, tenant=key.tenant, purpose=key.purpose,  # type: ignore[arg-type]
-            suite=key.suite, created_at=key.created_at,
-            versions=[KeyVersionDocument(
-                version=v.version, state=v.state,  # type: ignore[arg-type]
-                created_at=v.created_at, disabled_at=v.disabled_at, revoked_at=v.revoked_at,
-                revocation_reason=v.revocation_reason, public_keys=by_version.get(v.version, {}),
-            ) for v in versions],
-        )
+        return read_public_key(self.db, name)
 
     def list_keys(self, *, principal: Principal, tenant: str | None = None) -> list[KeyDocument]:
-        with self.db.read() as s:
-            q = select(KmsKey.name, KmsKey.tenant).order_by(KmsKey.name)
-            if tenant is not None:
-                q = q.where(KmsKey.tenant == tenant)
-            rows = s.execute(q).all()
-        return [self.public_key(n) for n, t in rows if principal.can_read(t)]
+        return read_public_keys(self.db, principal=principal, tenant=tenant)
 
     # -- internals ----------------------------------------------------------------------------
     def _check_suite(self, suite: str, purpose: str) -> tuple[str, ...]:

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
 
+from kms.remote import RemoteKMS
 from orchestrator.http import BodySizeLimit, ServicesDep, install_error_handlers
 from orchestrator.metrics import RequestMetrics, metrics_router
 from orchestrator.services import Services, get_services
@@ -32,7 +33,11 @@ def healthz() -> dict[str, str]:
 @health.get("/readyz")
 def readyz(svc: ServicesDep) -> JSONResponse:
     checks: dict[str, str] = {}
-    probes = [("database", svc.db.ping), ("object_store", svc.objects.ping), ("hsm", svc.hsm.ping)]
+    probes = [("database", svc.db.ping), ("object_store", svc.objects.ping)]
+    if svc.hsm is not None:
+        probes.append(("hsm", svc.hsm.ping))
+    elif isinstance(svc.kms, RemoteKMS):  # the KMS this process signs through checks its own HSM
+        probes.append(("kms", svc.kms.ping))
     if svc.settings.redis_url:
         from scheduler.dispatch import job_queue
 
@@ -74,7 +79,26 @@ def _routers(component: str) -> list[APIRouter]:
                    details={"components": list(COMPONENTS)})
 
 
+def served_components(components: Sequence[str], kms_url: str | None) -> tuple[str, ...]:
+    """The components this process mounts. A process that signs through a remote KMS
+    (``QAI_KMS_URL``) never serves the KMS API itself: its KMS client signs with an admin service
+    token, so proxying callers' requests through it would sign with that token's rights instead
+    of theirs."""
+    if not kms_url or "kms" not in components:
+        return tuple(components)
+    rest = tuple(c for c in components if c != "kms")
+    if not rest:
+        raise QaiError("kms.remote_configured",
+                       f"QAI_KMS_URL is set ({kms_url}): this process is a KMS client and cannot serve the KMS; "
+                       "run qai serve kms without QAI_KMS_URL", status=500)
+    return rest
+
+
 def create_app(services: Services | None = None, components: Sequence[str] = COMPONENTS) -> FastAPI:
+    from orchestrator.settings import get_settings
+
+    components = served_components(components, (services.settings if services else get_settings()).kms_url)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if getattr(app.state, "services", None) is None:

@@ -56,7 +56,12 @@ def serve(
     if component != "all" and component not in COMPONENTS:
         fail(QaiError("serve.unknown_component", f"unknown component {component!r}",
                       details={"components": ["all", *COMPONENTS]}), False)
-    services()  # migrate and open the HSM before accepting traffic
+    from orchestrator.app import served_components
+    from orchestrator.settings import get_settings
+
+    with cli_errors(False):
+        served_components(COMPONENTS if component == "all" else (component,), get_settings().kms_url)
+        services()  # migrate and open the HSM (or reach the KMS) before accepting traffic
     factory = "orchestrator.main:app" if component == "all" else f"orchestrator.main:{component.replace('-', '_')}_app"
     uvicorn.run(factory, host=host, port=port, workers=workers, log_level="warning")
 

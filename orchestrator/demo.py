@@ -24,7 +24,7 @@ from kms.audit import verify_chain
 from kms.cli import run_selftest
 from orchestrator.app import create_app
 from orchestrator.auth import Principal, Role, ensure_tenant, issue_token
-from orchestrator.services import Services
+from orchestrator.services import Services, require_hsm
 from sdk.audit import ServerSource, export_bundle
 from sdk.canonical import canonical_json
 from sdk.client import Client
@@ -74,7 +74,7 @@ def run_demo(svc: Services, *, as_json: bool = False) -> dict[str, Any]:
     out["key"] = {"name": doc.name, "suite": doc.suite, "versions": [v.version for v in doc.versions]}
     if not quiet:
         console.print(f"  key {doc.name}: suite {doc.suite}, versions {out['key']['versions']}")
-        objs = svc.hsm.key_objects()
+        objs = require_hsm(svc, "the demo").key_objects()
         table("HSM key objects (pkcs11 attributes)", ["label", "type", "sensitive", "never extractable"],
               [(o.label, o.key_type, o.sensitive, o.never_extractable) for o in objs])
 

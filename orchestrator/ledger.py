@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import BigInteger, LargeBinary, String, Table, Text, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from kms.service import KMS
+from kms.remote import KeyService
 from orchestrator import metrics
 from orchestrator.auth import Principal, ensure_tenant
 from orchestrator.db import BackgroundLoop, Base, Database, GroupCommit, UTCDateTime, insert_rows, utcnow
@@ -112,7 +112,7 @@ class LedgerWrite:
     after: Callable[[Session, Sequence[IndexedEntry]], None] | None = None
 
 
-def system_key(db: Database, kms: KMS, name: str, *, suite: str, subject: str) -> KeyDocument:
+def system_key(db: Database, kms: KeyService, name: str, *, suite: str, subject: str) -> KeyDocument:
     """The system tenant's signing key ``name``, created on first use (by whichever process gets
     there first). The caller checks the key it gets: names are global, so another tenant may hold it."""
     try:
@@ -129,7 +129,7 @@ def system_key(db: Database, kms: KMS, name: str, *, suite: str, subject: str) -
         return kms.public_key(name)
 
 
-def system_signing_key(db: Database, kms: KMS, name: str, *, suite: str, subject: str, error_code: str) -> str:
+def system_signing_key(db: Database, kms: KeyService, name: str, *, suite: str, subject: str, error_code: str) -> str:
     """``system_key`` for the platform's own statements (dataset manifests, model versions): the key
     named ``name`` must be a signing key of the system tenant, or ``error_code`` (500)."""
     key = system_key(db, kms, name, suite=suite, subject=subject)
@@ -200,7 +200,7 @@ def _append(session: Session, entries: Sequence[LedgerEntry], frontier: merkle.C
 
 
 class Ledger:
-    def __init__(self, db: Database, kms: KMS, objects: ObjectStore, config: LedgerConfig | None = None) -> None:
+    def __init__(self, db: Database, kms: KeyService, objects: ObjectStore, config: LedgerConfig | None = None) -> None:
         self.db = db
         self.kms = kms
         self.objects = objects

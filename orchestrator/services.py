@@ -10,6 +10,7 @@ import threading
 from dataclasses import dataclass, field
 
 from kms.hsm import Hsm, HsmConfig
+from kms.remote import KeyService, RemoteKMS
 from kms.service import KMS, KmsConfig
 from orchestrator import migrate
 from orchestrator.db import Database
@@ -17,6 +18,7 @@ from orchestrator.jobs import Jobs, Uploader
 from orchestrator.ledger import Ledger, LedgerConfig
 from orchestrator.objects import ObjectStore, make_object_store
 from orchestrator.settings import Settings, get_settings
+from sdk.errors import QaiError
 
 
 def hsm_config(settings: Settings) -> HsmConfig:
@@ -53,12 +55,30 @@ def ledger_config(settings: Settings) -> LedgerConfig:
     )
 
 
+def remote_kms(settings: Settings, db: Database) -> RemoteKMS:
+    if settings.kms_token is None:
+        raise QaiError("settings.kms_token_required",
+                       "QAI_KMS_URL is set but QAI_KMS_TOKEN is not: the KMS API needs this process's token",
+                       status=500)
+    return RemoteKMS(db, settings.kms_url or "", settings.kms_token.get_secret_value(),
+                     ca_file=settings.kms_ca_file)
+
+
+def require_hsm(svc: Services, what: str) -> Hsm:
+    """This process's HSM, for commands that only the KMS's own process can run."""
+    if svc.hsm is None:
+        raise QaiError("kms.remote_configured",
+                       f"{what} needs the HSM, and this process signs through the KMS at {svc.settings.kms_url}: "
+                       "run it where the KMS runs (without QAI_KMS_URL)", status=409)
+    return svc.hsm
+
+
 @dataclass
 class Services:
     settings: Settings
     db: Database
-    hsm: Hsm
-    kms: KMS
+    hsm: Hsm | None  # None when this process signs through a remote KMS (QAI_KMS_URL)
+    kms: KeyService
     objects: ObjectStore
     ledger: Ledger
     jobs: Jobs
@@ -72,7 +92,8 @@ class Services:
         self.uploader.close()
         self.ledger.close()
         self.kms.close()
-        self.hsm.close()
+        if self.hsm is not None:
+            self.hsm.close()
         self.db.dispose()
 
 
@@ -82,8 +103,13 @@ def build_services(settings: Settings, *, db: Database | None = None, migrate_db
     database = db or Database(settings.resolved_database_url)
     if migrate_db:
         migrate.upgrade(database)
-    hsm = Hsm(hsm_config(settings))
-    kms = KMS(database, hsm, kms_config(settings))
+    hsm: Hsm | None = None
+    kms: KeyService
+    if settings.kms_url:
+        kms = remote_kms(settings, database)
+    else:
+        hsm = Hsm(hsm_config(settings))
+        kms = KMS(database, hsm, kms_config(settings))
     objects = make_object_store(settings)
     ledger = Ledger(database, kms, objects, ledger_config(settings))
     jobs = Jobs(database, ledger, objects, kms.public_key)

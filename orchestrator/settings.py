@@ -68,6 +68,14 @@ class Settings(BaseSettings):
     kek_label: str = "qai-kek-1"
 
     # KMS
+    kms_url: str | None = Field(
+        default=None,
+        description="Sign through the KMS API at this URL instead of opening the HSM in this process "
+                    "(Kubernetes: every component but the KMS). Needs kms_token.")
+    kms_token: SecretStr | None = Field(
+        default=None, description="Bearer token (role admin) this process presents to the KMS at kms_url.")
+    kms_ca_file: str | None = Field(
+        default=None, description="CA bundle that verifies an https kms_url (default: the system's).")
     default_suite: str = "ML-DSA-65+ECDSA-P256"
     kms_max_message_bytes: int = Field(default=256 * 1024, ge=1)
     kms_unsealed_key_ttl_seconds: float = Field(

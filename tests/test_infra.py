@@ -32,13 +32,14 @@ CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentV
 
 # The HSM endpoint placeholder of infra/k8s/base/networkpolicy.yaml.
 HSM_IP, HSM_PORT = ipaddress.ip_address("192.0.2.10"), 1792
-KMS_CLIENTS = {"orchestrator", "scheduler", "worker"}
+# Every component that signs (ingest and ledger, decisions, results, models, lineage) does so
+# through the KMS API (kms/remote.py).
+KMS_CLIENTS = {"orchestrator", "scheduler", "worker", "em-policy", "nightly"}
 # `qai worker` serves no HTTP: it has no endpoint an httpGet probe could call (docs/operations.md).
 NO_HTTP_PROBES = {"qai-worker"}
 SECRET_ENV_WORDS = ("PIN", "PASSWORD", "SECRET", "TOKEN", "KEY", "DATABASE_URL", "REDIS_URL", "WEBHOOK_URL")
 SECRET_CONFIG_KEY = re.compile(r"(PIN|PASSWORD|SECRET\w*|TOKENS?|KEY|KEY_ID|DATABASE_URL|REDIS_URL|WEBHOOK_URL)$")
-REQUIRED_SECRET_REFS = {"QAI_DATABASE_URL", "QAI_REDIS_URL", "QAI_S3_ACCESS_KEY_ID", "QAI_S3_SECRET_ACCESS_KEY",
-                        "QAI_PKCS11_USER_PIN"}
+REQUIRED_SECRET_REFS = {"QAI_DATABASE_URL", "QAI_REDIS_URL", "QAI_S3_ACCESS_KEY_ID", "QAI_S3_SECRET_ACCESS_KEY"}
 
 
 # ------------------------------------------------------------------------------------------ promtool
@@ -430,6 +431,14 @@ def test_no_inline_secrets(rendered: tuple[str, list[dict[str, Any]]]) -> None:
                     assert "value" not in entry, f"{overlay}: {name} has an inline value"
                     assert "secretKeyRef" in entry["valueFrom"], f"{overlay}: {name} is not from a Secret"
             assert set(env) >= REQUIRED_SECRET_REFS, f"{overlay}: {doc['metadata']['name']}/{c['name']}"
+            # The HSM PIN is the KMS's alone; every other component signs through the KMS API.
+            where = f"{overlay}: {doc['metadata']['name']}/{c['name']}"
+            if pod_labels(doc)["app.kubernetes.io/component"] == "kms":
+                assert "QAI_PKCS11_USER_PIN" in env and "QAI_KMS_URL" not in env, where
+            else:
+                assert "QAI_PKCS11_USER_PIN" not in env, where
+                assert env["QAI_KMS_URL"]["value"] == "http://qai-kms:8000", where
+                assert env["QAI_KMS_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "qai-kms-client", where
     text = "\n".join(p.read_text() for p in K8S.rglob("*.yaml"))
     assert "PRIVATE KEY" not in text
 
@@ -487,7 +496,7 @@ def test_network_policies(rendered: tuple[str, list[dict[str, Any]]]) -> None:
                     for pol in policies_for(docs, labels, "Egress") for rule in pol["spec"].get("egress", []))
         assert reach == (name == "qai-kms"), f"{overlay}: {name} HSM egress is {reach}"
 
-    # KMS ingress: the orchestrator, scheduler and worker pods, and Prometheus for /metrics.
+    # KMS ingress: the signing components' pods, and Prometheus for /metrics.
     rules = [r for pol in policies_for(docs, kms, "Ingress") for r in pol["spec"].get("ingress", [])]
     assert rules
     allowed: set[str] = set()

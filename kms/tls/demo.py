@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from kms.service import KMS
+from kms.remote import KeyService
 from kms.tls.ca import CaFiles
 from kms.tls.client import ConnectResult, connect, connect_stdlib
 from kms.tls.server import serve
 from orchestrator.db import Database
 
 
-def tls_demo_results(db: Database, kms: KMS, tls_dir: Path, *, host: str = "127.0.0.1") -> list[ConnectResult]:
+def tls_demo_results(db: Database, kms: KeyService, tls_dir: Path, *, host: str = "127.0.0.1") -> list[ConnectResult]:
     """Start a ``dual`` server on a free port, connect once with pyOpenSSL (OpenSSL 4: hybrid) and
     once with Python's ``ssl`` (the system OpenSSL 3.0: classical fallback), verify both signed
     hellos, stop the server. Both connections are recorded in ``tls_handshakes``."""
@@ -25,7 +25,7 @@ def tls_demo_results(db: Database, kms: KMS, tls_dir: Path, *, host: str = "127.
     return [hybrid, fallback]
 
 
-def tls_demo(db: Database, kms: KMS, tls_dir: Path, *, host: str = "127.0.0.1",
+def tls_demo(db: Database, kms: KeyService, tls_dir: Path, *, host: str = "127.0.0.1",
              echo: Callable[[str], None] | None = print) -> list[str]:
     """The demo's two lines, e.g. ``hybrid handshake: X25519MLKEM768 (TLS_AES_256_GCM_SHA384) signed
     hello verified`` and ``fallback handshake: x25519 (…) signed hello verified …``; each is also

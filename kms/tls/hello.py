@@ -31,7 +31,7 @@ from sdk.errors import QaiError, VerificationError
 from sdk.signing import KeyDocument
 
 if TYPE_CHECKING:
-    from kms.service import KMS
+    from kms.remote import KeyService
     from orchestrator.db import Database
 
 HELLO_KEY = "qai.tls-hello"
@@ -104,7 +104,7 @@ class HelloSigner:
     """Signs hellos with the system tenant's key ``key_name``, created on first use like the other
     platform statements (dataset manifests, scheduler decisions)."""
 
-    def __init__(self, db: Database, kms: KMS, *, key_name: str = HELLO_KEY, suite: str = HELLO_SUITE) -> None:
+    def __init__(self, db: Database, kms: KeyService, *, key_name: str = HELLO_KEY, suite: str = HELLO_SUITE) -> None:
         from orchestrator.ledger import system_signing_key
 
         self.kms = kms

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from OpenSSL import SSL
 
-from kms.service import KMS
+from kms.remote import KeyService
 from kms.tls.ca import CaFiles, CertAlg, ensure_ca, fingerprint
 from kms.tls.groups import MODES, SERVER_GROUPS, Mode, classify, is_post_quantum, set_groups
 from kms.tls.hello import HelloSigner, Observed, check_nonce, hello_document, tls_exporter
@@ -255,7 +255,7 @@ def write_key_document(signer: HelloSigner, tls_dir: Path) -> Path:
     return path
 
 
-def serve(mode: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, db: Database, kms: KMS,
+def serve(mode: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, db: Database, kms: KeyService,
           tls_dir: Path = Path(".qai/tls"), cert_algs: Sequence[CertAlg] = ("ECDSA-P256",),
           client_auth: ClientAuth = "optional", timeout: float = 10.0,
           on_handshake: Callable[[HandshakeRecord], None] | None = None) -> TlsServer:
