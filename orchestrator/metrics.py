@@ -84,6 +84,12 @@ SCHEDULER_REPLAY_FAILURES = Counter(
     "Decision replays that failed: mismatch (the body does not recompute), rederive (an input no longer matches "
     "its source), tampered (signature, ledger or index check)", ["reason"])
 
+# ------------------------------------------------------------------------------------------- workers
+BACKEND_RUNS = Counter(
+    "qai_backend_runs",
+    "Job attempts a worker ran through a backend's adapter, by catalog backend id and outcome (ok; error: an "
+    "execution the adapter gave up on, or the attempt timed out on the backend)", ["backend_id", "outcome"])
+
 # ----------------------------------------------------------------------------------------------- HSM
 HSM_SESSION_ERRORS = Counter("qai_hsm_session_errors", "HSM operations that failed on a pooled session",
                              ["operation"])
@@ -129,8 +135,9 @@ class StateCollector(Collector):
         depth = GaugeMetricFamily("qai_dispatch_queue_depth", "Jobs queued for a worker (decided, not yet running), "
                                   "per priority class", labels=["priority_class"])
         if svc is not None:
-            pool_size.add_metric([], float(svc.hsm.config.pool_size))
-            in_use.add_metric([], float(svc.hsm.in_use))
+            if svc.hsm is not None:  # a process that signs through the KMS API has no pool
+                pool_size.add_metric([], float(svc.hsm.config.pool_size))
+                in_use.add_metric([], float(svc.hsm.in_use))
             age.add_metric([], _checkpoint_age(svc))
             for (backend_id, priority_class), seconds in _backlog(svc):
                 backlog.add_metric([backend_id, priority_class], seconds)

@@ -518,14 +518,30 @@ def execute(svc: Services, job_id: str, decision_id: str, chosen: Mapping[str, A
     rows = [dict(r, job_id=job_id) for r in output.rows]
     histogram = _job_histogram(output.histogram, job_id, decision_id)
     if guard.reason == "timeout":
+        count_backend_run(plan.snapshot.backend_id, ok=False)
         return Outcome.failed("worker.timeout", f"job {job_id} ran past {svc.settings.worker_job_timeout_seconds:g}s",
                               execution=execution, rows=rows, histogram=histogram, attempt_outcome="timeout")
     failed = [r for r in rows if r["status"] != "ok"]
+    count_backend_run(plan.snapshot.backend_id, ok=not failed)
     if failed:
         message = output.failures[0]["message"] if output.failures else "an execution failed"
         return Outcome.failed(str(failed[0]["error_code"]), message, execution=execution, rows=rows,
                               histogram=histogram)
     return Outcome("completed", execution=execution, rows=rows, histogram=histogram)
+
+
+def count_backend_run(backend_id: str, *, ok: bool) -> None:
+    """``qai_backend_runs_total``: one per attempt whose executions went through the backend's
+    adapter. ``error`` covers what the backend's side caused: an execution the adapter gave up on,
+    or the attempt running out of time there. Not counted: a job refused before any execution (bad
+    method, mismatched decision), a circuit that fails to compile (the job's doing, not the
+    backend's) and an attempt whose lease was lost (it was stopped by us). ``backend_id`` is the
+    registered backend's catalog id: a bounded label."""
+    from orchestrator import metrics
+
+    for outcome in ("ok", "error"):  # both series from a backend's first run: rate() then sees its first error
+        metrics.BACKEND_RUNS.labels(backend_id, outcome)
+    metrics.BACKEND_RUNS.labels(backend_id, "ok" if ok else "error").inc()
 
 
 def _job_histogram(data: bytes, job_id: str, decision_id: str) -> bytes:
@@ -795,7 +811,7 @@ class Worker:
     """Takes jobs off the queue one at a time and runs them; runs the maintenance every half lease."""
 
     def __init__(self, svc: Services, queue: JobQueue | None = None, *, worker_id: str | None = None,
-                 name: str = "worker") -> None:
+                 name: str = "worker", clock: Callable[[], float] = time.monotonic) -> None:
         self.svc = svc
         self.queue = queue or job_queue(svc)
         self.worker_id = worker_id or default_worker_id(name)
@@ -803,6 +819,13 @@ class Worker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_maintenance = 0.0
+        # Liveness (scheduler.worker_http): the loop records when it last went round and since when
+        # it holds a job. Written by the loop's thread and read by the probe's: single attribute
+        # stores, so no lock. ``clock`` is injectable so a test can age the heartbeat without sleeping.
+        self.clock = clock
+        self.heartbeat = clock()
+        self.job_since: float | None = None
+        self.looping = False  # inside run()
 
     def maintain_if_due(self, *, force: bool = False) -> None:
         if not force and time.monotonic() < self._next_maintenance:
@@ -832,21 +855,36 @@ class Worker:
             log.info("job %s is no longer queued; delivery dropped", delivery.job_id)
             return True
         self.processed += 1
-        run_claim(self.svc, claim)
+        self.job_since = self.heartbeat = self.clock()
+        try:
+            run_claim(self.svc, claim)
+        finally:
+            self.job_since = None
+            self.beat()
         return True
+
+    def beat(self) -> None:
+        """Record that the loop is going round (its liveness heartbeat)."""
+        self.heartbeat = self.clock()
 
     def run(self, *, burst: bool = False, max_jobs: int | None = None) -> int:
         """Work until stopped; ``burst``: until the queue is empty; ``max_jobs``: after that many
         attempts. Returns the attempts claimed."""
         start = self.processed
-        self.maintain_if_due(force=True)
-        while not self._stop.is_set():
-            if max_jobs is not None and self.processed - start >= max_jobs:
-                break
-            self.maintain_if_due()
-            took = self.step(0.0 if burst else self.svc.settings.worker_poll_seconds)
-            if not took and burst:
-                break
+        self.looping = True
+        self.beat()
+        try:
+            self.maintain_if_due(force=True)
+            while not self._stop.is_set():
+                self.beat()
+                if max_jobs is not None and self.processed - start >= max_jobs:
+                    break
+                self.maintain_if_due()
+                took = self.step(0.0 if burst else self.svc.settings.worker_poll_seconds)
+                if not took and burst:
+                    break
+        finally:
+            self.looping = False
         return self.processed - start
 
     def start(self) -> None:

@@ -35,8 +35,8 @@ HSM_IP, HSM_PORT = ipaddress.ip_address("192.0.2.10"), 1792
 # Every component that signs (ingest and ledger, decisions, results, models, lineage) does so
 # through the KMS API (kms/remote.py).
 KMS_CLIENTS = {"orchestrator", "scheduler", "worker", "em-policy", "nightly"}
-# `qai worker` serves no HTTP: it has no endpoint an httpGet probe could call (docs/operations.md).
-NO_HTTP_PROBES = {"qai-worker"}
+# Every Deployment serves its probes (`qai worker --http-port` included).
+NO_HTTP_PROBES: set[str] = set()
 SECRET_ENV_WORDS = ("PIN", "PASSWORD", "SECRET", "TOKEN", "KEY", "DATABASE_URL", "REDIS_URL", "WEBHOOK_URL")
 SECRET_CONFIG_KEY = re.compile(r"(PIN|PASSWORD|SECRET\w*|TOKENS?|KEY|KEY_ID|DATABASE_URL|REDIS_URL|WEBHOOK_URL)$")
 REQUIRED_SECRET_REFS = {"QAI_DATABASE_URL", "QAI_REDIS_URL", "QAI_S3_ACCESS_KEY_ID", "QAI_S3_SECRET_ACCESS_KEY"}
@@ -109,6 +109,7 @@ def test_alerts_of_the_spec_are_present() -> None:
         "QaiCryptoViolation": "qai_scheduler_crypto_violations_total",
         "QaiNightlyStepFailed": "qai_nightly_step_ok",
         "QaiNightlyStale": "qai_nightly_last_run_timestamp_seconds",
+        "QaiBackendErrorRate": "qai_backend_runs_total",
     }
     for alert, metric in expected.items():
         assert alert in rules, f"missing alert {alert}"
@@ -330,7 +331,7 @@ def test_the_components(rendered: tuple[str, list[dict[str, Any]]]) -> None:
     args = {tuple(c["args"]) for d in deployments.values() for c in containers_of(d)}
     for component in ("kms", "jobs", "ledger", "em-policy", "scheduler"):
         assert any(a[:2] == ("serve", component) and "0.0.0.0" in a for a in args), component
-    assert ("worker",) in args
+    assert ("worker", "--http-port", "8000", "--http-host", "0.0.0.0") in args  # probes and /metrics
     cron = by_kind(docs, "CronJob")["qai-nightly"]
     assert cron["spec"]["schedule"] == "0 2 * * *" and cron["spec"]["concurrencyPolicy"] == "Forbid"
     assert containers_of(cron)[0]["args"][:2] == ["nightly", "run-once"]
