@@ -118,6 +118,10 @@ class Settings(BaseSettings):
                                                        description="Adapter kind -> vendor API token.")
 
     # HTTP
+    gc_freeze: bool = Field(
+        default=True,
+        description="After start-up, freeze the heap out of the garbage collector's reach (orchestrator.app); "
+                    "false only to measure what that saves.")
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
     auth_cache_seconds: float = Field(
         default=2.0, ge=0,

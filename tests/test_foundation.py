@@ -132,3 +132,30 @@ def test_try_lock_admits_one_holder_across_processes_and_threads(pg_db: Database
                 assert again  # released on exit
         finally:
             other.dispose()
+
+
+def test_a_served_app_freezes_its_start_up_heap(settings: Settings) -> None:
+    """After start-up the long-lived heap is frozen, so no full collection walks it mid-request."""
+    import gc
+
+    import httpx
+
+    from orchestrator.app import FULL_COLLECTION_EVERY, create_app
+    from orchestrator.services import build_services
+    from tests.conftest import LiveServer
+
+    svc = build_services(settings)
+    gc.unfreeze()
+    thresholds = gc.get_threshold()
+    try:
+        assert gc.get_freeze_count() == 0
+        with LiveServer(create_app(svc, components=("ledger",))) as srv:
+            assert httpx.get(f"{srv.url}/healthz").status_code == 200
+            frozen = gc.get_freeze_count()
+            # what the process had imported and built is out of the collector's generations
+            assert frozen > 100_000 and frozen > len(gc.get_objects()), frozen
+            assert gc.get_threshold()[2] == FULL_COLLECTION_EVERY
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+        svc.close()
