@@ -15,9 +15,12 @@ principal arriving here would be a privilege escalation, and is refused.
 from __future__ import annotations
 
 import base64
+import logging
+import ssl
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -25,15 +28,37 @@ from kms.service import KMS, read_public_key, read_public_keys
 from orchestrator.auth import Principal, Role
 from orchestrator.db import Database
 from sdk.client import Client
-from sdk.errors import QaiError
+from sdk.errors import QaiError, VerificationError
 from sdk.signing import KeyDocument, KeyVersionDocument, Prehash, SignatureBundle, b64decode
 
-# The KMS API's sign-batch limit (kms.api.SignBatchRequest).
+log = logging.getLogger(__name__)
+
+# A sign-batch request stays under the KMS API's item limit (kms.api.SignBatchRequest) and, base64
+# and JSON included, under its default 1 MiB body limit.
 SIGN_BATCH_ITEMS = 1000
+SIGN_BATCH_BYTES = 512 * 1024
+PING_TIMEOUT = 3.0  # under a readiness probe's own timeout (5 s in infra/k8s)
 
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+def _path(name: str) -> str:
+    return quote(name, safe="")
+
+
+def _batches(items: Sequence[bytes]) -> list[Sequence[bytes]]:
+    out: list[Sequence[bytes]] = []
+    start, used = 0, 0
+    for i, item in enumerate(items):
+        if i > start and (i - start == SIGN_BATCH_ITEMS or used + len(item) > SIGN_BATCH_BYTES):
+            out.append(items[start:i])
+            start, used = i, 0
+        used += len(item)
+    if start < len(items):
+        out.append(items[start:])
+    return out
 
 
 class RemoteKMS:
@@ -43,7 +68,8 @@ class RemoteKMS:
         self.url = url.rstrip("/")
         # Retries cover connection set-up only (httpx retries ConnectError/ConnectTimeout): a
         # request that reached the KMS is never sent twice.
-        transport = httpx.HTTPTransport(retries=2, verify=ca_file if ca_file else True)
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
+        transport = httpx.HTTPTransport(retries=2, verify=verify)
         self.client = Client(self.url, token, timeout=timeout, transport=transport)
 
     @staticmethod
@@ -58,10 +84,27 @@ class RemoteKMS:
         try:
             return self.client.request("POST", path, json=body).json()
         except QaiError as exc:
-            if exc.code != "client.unreachable":
-                raise  # the KMS's own error, code and status as it raised them
-            raise QaiError("kms.unreachable", f"cannot reach the KMS at {self.url}", status=503,
-                           details={"url": self.url}) from exc
+            raise self._translated(exc) from exc
+
+    def _translated(self, exc: QaiError) -> QaiError:
+        """The KMS's own errors (``kms.*``: no such key, revoked, …) keep their code and status, as
+        the in-process KMS raises them. The others concern this process, not whoever called it, and
+        must not reach an API caller as theirs: a refused service token is not the caller's bad
+        token. The KMS's address goes to the log, not into errors that API callers see."""
+        if exc.code.startswith("signature."):  # the same type the in-process verify raises
+            return VerificationError(exc.code, exc.message, details=exc.details)
+        if exc.code.startswith("kms."):
+            return exc
+        if exc.code == "client.unreachable":
+            log.error("cannot reach the KMS at %s", self.url)
+            return QaiError("kms.unreachable", "cannot reach the KMS", status=503)
+        if exc.status in (401, 403):
+            log.error("the KMS at %s refused this process's service token: %s", self.url, exc.code)
+            return QaiError("kms.client_unauthorized", "the KMS refused this service's token (QAI_KMS_TOKEN)",
+                            status=503, details={"kms_code": exc.code})
+        log.error("the KMS at %s answered %s %s", self.url, exc.status, exc.code)
+        return QaiError("kms.client_error", "the KMS rejected this service's request", status=500,
+                        details={"kms_code": exc.code})
 
     # -- reads (public data, from the shared database) ------------------------------------------
     def public_key(self, name: str) -> KeyDocument:
@@ -79,18 +122,18 @@ class RemoteKMS:
 
     def rotate(self, name: str, *, principal: Principal) -> KeyDocument:
         self._as_service(principal, "rotating a key")
-        return KeyDocument.model_validate(self._post(f"/v1/keys/{name}/rotate", {}))
+        return KeyDocument.model_validate(self._post(f"/v1/keys/{_path(name)}/rotate", {}))
 
     def disable(self, name: str, version: int, *, principal: Principal) -> KeyDocument:
         self._as_service(principal, "disabling a key version")
-        return KeyDocument.model_validate(self._post(f"/v1/keys/{name}/disable", {"version": version}))
+        return KeyDocument.model_validate(self._post(f"/v1/keys/{_path(name)}/disable", {"version": version}))
 
     def revoke(self, name: str, version: int, *, principal: Principal, reason: str,
                effective_at: datetime | None = None) -> KeyDocument:
         self._as_service(principal, "revoking a key version")
         body: dict[str, Any] = {"version": version, "reason": reason,
                                 "effective_at": effective_at.isoformat() if effective_at else None}
-        return KeyDocument.model_validate(self._post(f"/v1/keys/{name}/revoke", body))
+        return KeyDocument.model_validate(self._post(f"/v1/keys/{_path(name)}/revoke", body))
 
     # -- signing --------------------------------------------------------------------------------
     def sign(self, name: str, *, principal: Principal, message: bytes | None = None,
@@ -101,15 +144,15 @@ class RemoteKMS:
     def sign_many(self, name: str, *, principal: Principal, items: Sequence[bytes | None],
                   prehash: Prehash | None = None) -> list[SignatureBundle]:
         self._as_service(principal, "signing")
-        if any(item is None for item in items):
-            raise QaiError("kms.empty_input", "nothing to sign", status=422)
+        data = [item for item in items if item is not None]
+        if len(data) != len(items):
+            raise QaiError("kms.no_message", "give a message or a digest", status=422)
         field = "message" if prehash is None else "digest"
         out: list[SignatureBundle] = []
-        for start in range(0, len(items), SIGN_BATCH_ITEMS):
-            chunk = items[start:start + SIGN_BATCH_ITEMS]
-            batch = [{field: _b64(item or b""), "prehash": prehash} for item in chunk]
+        for chunk in _batches(data):
+            batch = [{field: _b64(item), "prehash": prehash} for item in chunk]
             out.extend(SignatureBundle.model_validate(b)
-                       for b in self._post(f"/v1/keys/{name}/sign-batch", {"items": batch}))
+                       for b in self._post(f"/v1/keys/{_path(name)}/sign-batch", {"items": batch}))
         return out
 
     def verify(self, bundle: SignatureBundle, message: bytes, *, principal: Principal,
@@ -122,28 +165,27 @@ class RemoteKMS:
 
     # -- KEM ------------------------------------------------------------------------------------
     def encapsulate(self, name: str) -> tuple[int, bytes, bytes]:
-        out = self._post(f"/v1/keys/{name}/encapsulate", {})
+        out = self._post(f"/v1/keys/{_path(name)}/encapsulate", {})
         return (int(out["version"]), b64decode(out["ciphertext"], what="ciphertext"),
                 b64decode(out["shared_secret"], what="shared secret"))
 
     def decapsulate(self, name: str, version: int, ciphertext: bytes, *, principal: Principal) -> bytes:
         self._as_service(principal, "decapsulating")
-        out = self._post(f"/v1/keys/{name}/decapsulate", {"version": version, "ciphertext": _b64(ciphertext)})
+        out = self._post(f"/v1/keys/{_path(name)}/decapsulate", {"version": version, "ciphertext": _b64(ciphertext)})
         return b64decode(out["shared_secret"], what="shared secret")
 
     # -- health ---------------------------------------------------------------------------------
     def ping(self) -> None:
         """Raise unless the KMS answers ready (its database and HSM reachable)."""
         try:
-            resp = self.client.http.get("/readyz")
+            resp = self.client.http.get("/readyz", timeout=PING_TIMEOUT)
         except httpx.TransportError as exc:
-            raise QaiError("kms.unreachable", f"cannot reach the KMS at {self.url}: {type(exc).__name__}",
-                           status=503, details={"url": self.url}) from exc
+            log.warning("cannot reach the KMS at %s: %s", self.url, type(exc).__name__)
+            raise QaiError("kms.unreachable", "cannot reach the KMS", status=503) from exc
         if resp.status_code != 200:
             checks = resp.json().get("checks", {}) if resp.headers.get("content-type", "").startswith(
                 "application/json") else {}
-            raise QaiError("kms.not_ready", f"the KMS at {self.url} is not ready", status=503,
-                           details={"url": self.url, "checks": checks})
+            raise QaiError("kms.not_ready", "the KMS is not ready", status=503, details={"checks": checks})
 
     def forget_unsealed(self) -> None:
         """Nothing is unsealed in this process: the keys stay in the KMS."""

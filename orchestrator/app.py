@@ -95,7 +95,11 @@ def freeze_startup_heap() -> None:
     its candidates are under a quarter of the long-lived objects, and frozen objects no longer count,
     so full collections came about every 70,000 allocations, each walking the caches filled since
     start-up (schedule p99 82-87 ms against 41-51 ms unfrozen). Hence the higher third threshold.
-    Nothing leaks: frozen objects are live, and cyclic garbage is still collected, later."""
+
+    The cost: an object frozen here that later becomes cyclic garbage is never reclaimed. What is
+    frozen is what the process keeps (modules, services, pools), except the policy model warmed at
+    start-up, which a promotion replaces: at most that one model's memory, once per process.
+    Cyclic garbage made after start-up is still collected, less often."""
     gc.collect()
     gc.freeze()
     gen0, gen1, _ = gc.get_threshold()

@@ -12,8 +12,9 @@
   ``QAI_REDIS_URL`` is set; the in-process queue always answers) answer, else 503 naming the
   failed checks' error codes, in the same shape as the API services' ``/readyz``.
 * ``GET /metrics``: the process's Prometheus exposition through :func:`orchestrator.metrics.metrics_router`,
-  the same router and registry the API services serve (``qai_backend_runs_total``, signatures,
-  ledger appends, …). The worker does not :func:`~orchestrator.metrics.bind` its services: the
+  the same router and registry the API services serve (``qai_backend_runs_total``, ledger
+  appends, …; a worker that signs through a remote KMS has its signatures counted there). The
+  worker does not :func:`~orchestrator.metrics.bind` its services: the
   scrape-time database gauges (backlog, queue depth, backend status) are the scheduler's to
   export, and four worker replicas repeating them would only add queries and duplicate series.
 

@@ -136,6 +136,9 @@ def settings(tmp_path: Path, hsm_config: HsmConfig) -> Settings:
         pkcs11_token_label=hsm_config.token_label,
         pkcs11_user_pin=hsm_config.user_pin,  # type: ignore[arg-type]
         pkcs11_so_pin=hsm_config.so_pin,  # type: ignore[arg-type]
+        # Many apps start in one test process: none freezes the process's heap or changes its GC
+        # thresholds (test_foundation checks the freeze itself).
+        gc_freeze=False,
     )
 
 

@@ -144,7 +144,7 @@ def test_a_served_app_freezes_its_start_up_heap(settings: Settings) -> None:
     from orchestrator.services import build_services
     from tests.conftest import LiveServer
 
-    svc = build_services(settings)
+    svc = build_services(settings.model_copy(update={"gc_freeze": True}))
     gc.unfreeze()
     thresholds = gc.get_threshold()
     try:

@@ -7,6 +7,7 @@ and no HSM at all. Jobs are ingested and ledgered, checkpoints signed, through t
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +25,9 @@ from orchestrator.db import Database
 from orchestrator.services import Services, build_services
 from orchestrator.settings import Settings
 from sdk.checkpoint import verify_checkpoint
-from sdk.errors import QaiError
+from sdk.errors import QaiError, VerificationError
 from sdk.manifest import sign_manifest, verify_manifest
+from sdk.signing import verify_bundle
 from tests.conftest import LiveServer
 from tests.test_manifest import manifest
 
@@ -119,12 +121,50 @@ def test_errors_keep_their_codes(client_side: Services, kms_server: LiveServer, 
         client_side.kms.sign("org-a.k", principal=Principal(subject="s", role=Role.SIGNER, tenant="org-a"),
                              message=b"x")
     assert err.value.code == "kms.remote_principal"
-    # A wrong or revoked token is the KMS's refusal.
+    # A wrong or revoked service token is this service's fault, never reported as the API caller's
+    # bad token (401): a 503 with its own code, the KMS's code in the details.
     stranger = RemoteKMS(pg_db, kms_server.url, "qai_nope_nope")
     with pytest.raises(QaiError) as err:
         stranger.sign("org-a.k", principal=SYSTEM, message=b"x")
-    assert err.value.code == "auth.bad_token" and err.value.status == 401
+    assert err.value.code == "kms.client_unauthorized" and err.value.status == 503
+    assert err.value.details == {"kms_code": "auth.bad_token"}
     stranger.close()
+    with pytest.raises(QaiError) as err:
+        client_side.kms.sign_many("org-a.k", principal=SYSTEM, items=[b"x", None])
+    assert err.value.code == "kms.no_message"
+
+
+def test_every_operation_round_trips_through_the_api(client_side: Services, kms_side: Services) -> None:
+    kms = client_side.kms
+    kms.create_key("org-a.k", tenant="org-a", principal=SYSTEM)
+    # a digest, checked by the KMS's verify endpoint and offline
+    digest = hashlib.sha256(b"payload").digest()
+    bundle = kms.sign("org-a.k", principal=SYSTEM, digest=digest, prehash="sha256")
+    assert bundle.prehash == "sha256"
+    assert kms.verify(bundle, digest, principal=SYSTEM).version == 1
+    verify_bundle(bundle, digest, kms_side.kms.public_key("org-a.k"))
+    with pytest.raises(QaiError) as err:
+        kms.verify(bundle, hashlib.sha256(b"other").digest(), principal=SYSTEM)
+    assert isinstance(err.value, VerificationError) and err.value.code.startswith("signature.")
+    # batches split by bytes as well as by count: 3 x 200 KB is over one request's body limit
+    big = [bytes([i]) * 200_000 for i in range(3)]
+    bundles = kms.sign_many("org-a.k", principal=SYSTEM, items=big)
+    assert len(bundles) == 3
+    for message, b in zip(big, bundles, strict=True):
+        verify_bundle(b, message, kms_side.kms.public_key("org-a.k"))
+    # the lifecycle
+    assert [v.version for v in kms.rotate("org-a.k", principal=SYSTEM).versions] == [1, 2]
+    assert kms.sign("org-a.k", principal=SYSTEM, message=b"m").parts[0].version == 2
+    assert kms.disable("org-a.k", 1, principal=SYSTEM).versions[0].state == "disabled"
+    revoked = kms.revoke("org-a.k", 2, principal=SYSTEM, reason="test")
+    assert revoked.versions[1].state == "revoked" and revoked.versions[1].revocation_reason == "test"
+    with pytest.raises(QaiError) as err:
+        kms.sign("org-a.k", principal=SYSTEM, message=b"m")
+    assert err.value.code == "kms.no_enabled_version"
+    # a KEM key: the shared secret the KMS decapsulates is the one encapsulated
+    kms.create_key("org-a.kem", tenant="org-a", suite="ML-KEM-768", purpose="kem", principal=SYSTEM)
+    version, ciphertext, secret = kms.encapsulate("org-a.kem")
+    assert kms.decapsulate("org-a.kem", version, ciphertext, principal=SYSTEM) == secret
 
 
 def test_readyz_follows_the_kms_and_a_client_never_serves_the_kms_api(
