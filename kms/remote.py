@@ -14,7 +14,6 @@ principal arriving here would be a privilege escalation, and is refused.
 
 from __future__ import annotations
 
-import base64
 import logging
 import ssl
 from collections.abc import Sequence
@@ -27,38 +26,17 @@ import httpx
 from kms.service import KMS, read_public_key, read_public_keys
 from orchestrator.auth import Principal, Role
 from orchestrator.db import Database
-from sdk.client import Client
+from sdk.client import Client, chunks, sign_item_size
 from sdk.errors import QaiError, VerificationError
-from sdk.signing import KeyDocument, KeyVersionDocument, Prehash, SignatureBundle, b64decode
+from sdk.signing import KeyDocument, KeyVersionDocument, Prehash, SignatureBundle, b64decode, b64encode
 
 log = logging.getLogger(__name__)
 
-# A sign-batch request stays under the KMS API's item limit (kms.api.SignBatchRequest) and, base64
-# and JSON included, under its default 1 MiB body limit.
-SIGN_BATCH_ITEMS = 1000
-SIGN_BATCH_BYTES = 512 * 1024
 PING_TIMEOUT = 3.0  # under a readiness probe's own timeout (5 s in infra/k8s)
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def _path(name: str) -> str:
     return quote(name, safe="")
-
-
-def _batches(items: Sequence[bytes]) -> list[Sequence[bytes]]:
-    out: list[Sequence[bytes]] = []
-    start, used = 0, 0
-    for i, item in enumerate(items):
-        if i > start and (i - start == SIGN_BATCH_ITEMS or used + len(item) > SIGN_BATCH_BYTES):
-            out.append(items[start:i])
-            start, used = i, 0
-        used += len(item)
-    if start < len(items):
-        out.append(items[start:])
-    return out
 
 
 class RemoteKMS:
@@ -149,8 +127,8 @@ class RemoteKMS:
             raise QaiError("kms.no_message", "give a message or a digest", status=422)
         field = "message" if prehash is None else "digest"
         out: list[SignatureBundle] = []
-        for chunk in _batches(data):
-            batch = [{field: _b64(item), "prehash": prehash} for item in chunk]
+        for chunk in chunks(data, sign_item_size):  # the SDK's batching: under the API's body and item limits
+            batch = [{field: b64encode(item), "prehash": prehash} for item in chunk]
             out.extend(SignatureBundle.model_validate(b)
                        for b in self._post(f"/v1/keys/{_path(name)}/sign-batch", {"items": batch}))
         return out
@@ -158,7 +136,7 @@ class RemoteKMS:
     def verify(self, bundle: SignatureBundle, message: bytes, *, principal: Principal,
                at: datetime | None = None) -> KeyVersionDocument:
         body: dict[str, Any] = {"bundle": bundle.model_dump(mode="json"),
-                                "message" if bundle.prehash is None else "digest": _b64(message),
+                                "message" if bundle.prehash is None else "digest": b64encode(message),
                                 "at": at.isoformat() if at else None}
         version = int(self._post("/v1/verify", body)["version"])
         return next(v for v in self.public_key(bundle.parts[0].key_name).versions if v.version == version)
@@ -171,7 +149,8 @@ class RemoteKMS:
 
     def decapsulate(self, name: str, version: int, ciphertext: bytes, *, principal: Principal) -> bytes:
         self._as_service(principal, "decapsulating")
-        out = self._post(f"/v1/keys/{_path(name)}/decapsulate", {"version": version, "ciphertext": _b64(ciphertext)})
+        body = {"version": version, "ciphertext": b64encode(ciphertext)}
+        out = self._post(f"/v1/keys/{_path(name)}/decapsulate", body)
         return b64decode(out["shared_secret"], what="shared secret")
 
     # -- health ---------------------------------------------------------------------------------

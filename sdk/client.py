@@ -23,7 +23,8 @@ BATCH_ITEMS = 500
 T = TypeVar("T")
 
 
-def _chunks(items: Sequence[T], size: Callable[[T], int]) -> Iterator[list[T]]:
+def chunks(items: Sequence[T], size: Callable[[T], int]) -> Iterator[list[T]]:
+    """``items`` in request-sized lists: at most :data:`BATCH_ITEMS` each and :data:`BATCH_BYTES` by ``size``."""
     chunk: list[T] = []
     used = 0
     for item in items:
@@ -35,6 +36,11 @@ def _chunks(items: Sequence[T], size: Callable[[T], int]) -> Iterator[list[T]]:
         used += n
     if chunk:
         yield chunk
+
+
+def sign_item_size(message: bytes) -> int:
+    """Bytes a message takes in a sign-batch request body: base64 plus its JSON wrapping."""
+    return len(message) * 4 // 3 + 16
 
 
 def _checked(resp: httpx.Response) -> httpx.Response:
@@ -159,7 +165,7 @@ class Client:
     def sign_many(self, key: str, messages: Sequence[bytes]) -> list[SignatureBundle]:
         """Sign many messages with ``key`` (``POST /v1/keys/{key}/sign-batch``, in chunks)."""
         out: list[SignatureBundle] = []
-        for chunk in _chunks(messages, lambda m: len(m) * 4 // 3 + 16):
+        for chunk in chunks(messages, sign_item_size):
             body = {"items": [{"message": base64.b64encode(m).decode()} for m in chunk]}
             out.extend(SignatureBundle.model_validate(b)
                        for b in self.request("POST", f"/v1/keys/{key}/sign-batch", json=body).json())
@@ -178,7 +184,7 @@ class Client:
         """
         datas = [e.to_bytes() if isinstance(e, Envelope) else e for e in envelopes]
         out: list[dict[str, Any]] = []
-        for chunk in _chunks(datas, len):
+        for chunk in chunks(datas, len):
             body = b'{"envelopes":[' + b",".join(chunk) + b"]}"
             resp = self.request("POST", "/v1/jobs/batch", content=body, headers={"Content-Type": "application/json"})
             out.extend(resp.json()["results"])

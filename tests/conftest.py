@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -45,20 +46,29 @@ def pg_server() -> str:
     return PG_URL
 
 
-def _pg_database(url: str) -> Iterator[Database]:
+@contextmanager
+def pg_schema(url: str) -> Iterator[str]:
+    """A fresh, empty schema on the PostgreSQL server at ``url``, dropped afterwards."""
     schema = f"t_{uuid.uuid4().hex[:12]}"
     admin = create_engine(url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f"CREATE SCHEMA {schema}"))
-    db = Database(url, schema=schema)
     try:
-        migrate.upgrade(db)
-        yield db
+        yield schema
     finally:
-        db.dispose()
         with admin.connect() as conn:
             conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
         admin.dispose()
+
+
+def _pg_database(url: str) -> Iterator[Database]:
+    with pg_schema(url) as schema:
+        db = Database(url, schema=schema)
+        try:
+            migrate.upgrade(db)
+            yield db
+        finally:
+            db.dispose()
 
 
 def _sqlite_database(path: Path) -> Iterator[Database]:

@@ -207,10 +207,10 @@ def test_batch_stores_the_good_and_rejects_the_bad_alone(svc: Services, admin: P
 
 
 def test_client_batches_stay_under_the_request_limit() -> None:
-    from sdk.client import BATCH_BYTES, BATCH_ITEMS, _chunks
+    from sdk.client import BATCH_BYTES, BATCH_ITEMS, chunks
 
     sizes = [300 * 1024, 300 * 1024, 300 * 1024, 10, 2 * BATCH_BYTES] + [1] * (BATCH_ITEMS + 5)
-    chunks = list(_chunks(sizes, lambda n: n))
+    chunks = list(chunks(sizes, lambda n: n))
     assert [x for c in chunks for x in c] == sizes  # every item once, in order
     assert all(sum(c) <= BATCH_BYTES or len(c) == 1 for c in chunks)  # an oversized item goes alone
     assert all(len(c) <= BATCH_ITEMS for c in chunks)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,6 +24,7 @@ from sqlalchemy import create_engine, text
 
 from orchestrator import migrate
 from orchestrator.db import Database
+from tests.conftest import pg_schema
 
 RACERS = 4
 WAIT = 120.0  # generous: the upgrades are waited for, never timed
@@ -33,17 +33,11 @@ WAIT = 120.0  # generous: the upgrades are waited for, never timed
 @pytest.fixture
 def empty_schema(pg_server: str) -> Iterator[str]:
     """A fresh, empty schema (conftest's ``_pg_database`` without the upgrade); dropped afterwards."""
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(pg_server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    try:
-        yield schema
-    finally:
-        terminate(pg_server, schema)  # a racer stuck in a transaction would block the DROP
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
+    with pg_schema(pg_server) as schema:
+        try:
+            yield schema
+        finally:
+            terminate(pg_server, schema)  # a racer stuck in a transaction would block the DROP
 
 
 def racer_url(pg_server: str, schema: str) -> str:
@@ -80,18 +74,23 @@ def upgrade_after(url: str, schema: str, barrier: Any, errors: Any) -> None:
         db.dispose()
 
 
+def join_all(racers: list[Any]) -> bool:
+    """Start the racers and wait for them, ``WAIT`` seconds in all; True if one is still running."""
+    for r in racers:
+        r.start()
+    deadline = time.monotonic() + WAIT
+    for r in racers:
+        r.join(timeout=max(0.0, deadline - time.monotonic()))
+    return any(r.is_alive() for r in racers)
+
+
 def race_threads(url: str, schema: str) -> tuple[list[str], bool]:
     import queue
 
     barrier, errors = threading.Barrier(RACERS), queue.SimpleQueue[str]()
     threads = [threading.Thread(target=upgrade_after, args=(url, schema, barrier, errors), daemon=True)
                for _ in range(RACERS)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + WAIT
-    for t in threads:
-        t.join(timeout=max(0.0, deadline - time.monotonic()))
-    hung = any(t.is_alive() for t in threads)
+    hung = join_all(threads)
     return [errors.get() for _ in range(errors.qsize())], hung
 
 
@@ -99,12 +98,7 @@ def race_processes(url: str, schema: str) -> tuple[list[str], bool]:
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding pooled connections
     barrier, errors = ctx.Barrier(RACERS), ctx.Queue()
     procs = [ctx.Process(target=upgrade_after, args=(url, schema, barrier, errors)) for _ in range(RACERS)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + WAIT
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
-    hung = any(p.is_alive() for p in procs)
+    hung = join_all(procs)
     for p in procs:
         if p.is_alive():
             p.kill()
