@@ -25,14 +25,18 @@ The model, and why each part is as it is (docs/scheduler.md, "Trace-driven evalu
   the job starts, plus shot noise.
 - **Policies**: ``v1`` calls the real ``scheduler.engine.decide`` with ``scheduler.plugins.BUILTIN``
   and the default profile; the baselines pick among the online backends that fit the job.
+- **Oracle bound** (``oracle_bound``): an upper bound on the fidelity per USD of any routing that
+  meets the fidelity target, from the exact LP relaxation of choosing one option per job.
 
 Pure and deterministic: the same config gives the same result, number for number; no wall clock.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import heapq
+import itertools
 import math
 import random
 import statistics
@@ -40,6 +44,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from fractions import Fraction
 from functools import cache, partial
 from typing import Any
 
@@ -819,6 +824,153 @@ def compare(by_policy: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
+# ------------------------------------------------------------------------------------------- oracle bound
+#
+# Can any routing meet both "fidelity loss ≤ 3 %" and "best fidelity per USD"? An upper bound on the
+# fidelity per USD of every assignment of the trace's jobs whose summed fidelity reaches F* answers it:
+# if the bound is below another policy's figure, no routing meets both.
+
+FIDELITY_LOSS_TARGET = 0.03  # the issue's target: at most 3 % below max-fidelity's mean fidelity
+JobOption = tuple[float, float]  # (fidelity, cost in USD) of one job on one backend with one EM method
+Point = tuple[Fraction, Fraction]  # (fidelity, cost), exact: the bound must not drift by rounding
+
+
+def job_options(world: World, job: SimJob, *, any_method: bool = False) -> list[JobOption]:
+    """Every (fidelity, cost) the job can get: each backend a crypto-filtering policy may send it to,
+    with the EM method the EM policy picks for it there at the job's arrival (every policy takes
+    the prediction's method), or with ``any_method`` each method the shot budget allows. Fidelity is
+    realised on the true calibration at the job's arrival; cost is priced as ``_Run.dispatch`` does."""
+    out = []
+    for b in world.backends:
+        if not (fits(job, b) and crypto_ok(job, b)):
+            continue
+        if any_method:
+            zne = job.shot_budget >= job.shots * shot_multiplier(ZNE_METHOD)
+            methods = ["unmitigated", ZNE_METHOD] if zne else ["unmitigated"]
+        else:
+            methods = [str(world.prediction(job, b, job.arrival)["method"])]
+        drift = world.drift(b.backend_id, job.arrival)
+        out += [(realised_fidelity(job, b, m, drift), b.cost_per_shot * job.shots * shot_multiplier(m))
+                for m in methods]
+    return out
+
+
+def _cross(a: Point, b: Point, p: Point) -> Fraction:
+    return (b[0] - a[0]) * (p[1] - a[1]) - (b[1] - a[1]) * (p[0] - a[0])
+
+
+def _frontier(options: Sequence[JobOption]) -> list[Point]:
+    """One job's LP frontier: the lower convex hull of its (f, c) points, from its cheapest option
+    (the best fidelity among equals) to its best-fidelity one. Nothing off it is worth using:
+    a point above it costs more than a mix of two frontier points with the same fidelity, and a
+    point left of the cheapest one is dominated by it."""
+    cheapest: dict[Fraction, Fraction] = {}
+    for f, c in options:
+        cheapest[Fraction(f)] = min(cheapest.get(Fraction(f), Fraction(c)), Fraction(c))
+    start = min(cheapest.items(), key=lambda p: (p[1], -p[0]))
+    hull = [start]
+    for p in sorted(q for q in cheapest.items() if q[0] > start[0]):
+        while len(hull) > 1 and _cross(hull[-2], hull[-1], p) <= 0:  # hull[-1] on or above the chord
+            hull.pop()
+        hull.append(p)
+    return hull
+
+
+def cost_curve(jobs: Sequence[Sequence[JobOption]]) -> list[Point]:
+    """The breakpoints (F, C(F)) of C(F) = min Σ_j c_j s.t. Σ_j f_j ≥ F, each job a convex mix of its
+    options: the LP relaxation of the multiple-choice knapsack, so C(F) is at most the cost of any
+    one-option-per-job assignment reaching F. C is convex, piecewise linear and increasing; constant
+    below the first breakpoint, infeasible above the last (F_max).
+
+    Computed exactly, in rationals: every job starts at its frontier's cheapest point, then the
+    segments of all frontiers are taken in order of cost per unit fidelity (each job's own come in
+    its order, its frontier being convex). That greedy solves the LP: at F on a segment of slope λ,
+    every job sits where its frontier's slopes straddle λ, i.e. at argmin_o (c_o − λ f_o), so the
+    Lagrangian dual λF + Σ_j min_o (c_o − λ f_o) equals the greedy's cost: primal = dual."""
+    frontiers = [_frontier(options) for options in jobs]
+    f = sum((h[0][0] for h in frontiers), Fraction(0))
+    c = sum((h[0][1] for h in frontiers), Fraction(0))
+    steps = sorted(((b[1] - a[1]) / (b[0] - a[0]), b[0] - a[0], b[1] - a[1])
+                   for h in frontiers for a, b in itertools.pairwise(h))
+    curve = [(f, c)]
+    for _, df, dc in steps:
+        f, c = f + df, c + dc
+        curve.append((f, c))
+    return curve
+
+
+def min_cost(curve: Sequence[Point], fidelity: Fraction) -> Fraction | None:
+    """C(F) from the breakpoints, exactly; None when no assignment reaches F (F > F_max)."""
+    if fidelity > curve[-1][0]:
+        return None
+    k = bisect.bisect_left(curve, fidelity, key=lambda p: p[0])  # the first breakpoint at or past F
+    if k == 0:
+        return curve[0][1]
+    (f0, c0), (f1, c1) = curve[k - 1], curve[k]
+    return c0 + (c1 - c0) * (fidelity - f0) / (f1 - f0)
+
+
+def _to_float(x: Fraction, *, up: bool) -> float:
+    """x as a float rounded towards the safe side: up for an upper bound, down for a lower one."""
+    y = float(x)
+    if up and Fraction(y) < x:
+        return math.nextafter(y, math.inf)
+    if not up and Fraction(y) > x:
+        return math.nextafter(y, -math.inf)
+    return y
+
+
+@dataclass(frozen=True)
+class RatioBound:
+    """What any one-option-per-job assignment with summed fidelity ≥ ``fidelity_target`` can reach."""
+
+    jobs: int
+    fidelity_target: float  # F*
+    max_fidelity: float  # F_max: every job on its best option
+    min_cost_usd: float  # C(F*) rounded down; inf when F* > F_max
+    fidelity_per_usd: float | None  # rounded up; inf when C(F*) = 0; None when F* > F_max: nothing qualifies
+    # Not a bound: every job on its cheapest option (the curve's first point), to set the bound
+    # against a cheapest routing in the same model; inf when that costs nothing.
+    cheapest_fidelity_per_usd: float
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON has no infinity: ``outcome`` says "bounded", "unbounded" (C(F*) = 0) or "unreachable"."""
+        outcome = ("unreachable" if self.fidelity_per_usd is None
+                   else "unbounded" if math.isinf(self.fidelity_per_usd) else "bounded")
+        finite = {k: None if isinstance(v, float) and math.isinf(v) else v for k, v in asdict(self).items()}
+        return {**finite, "outcome": outcome}
+
+
+def ratio_bound(jobs: Sequence[Sequence[JobOption]], fidelity_target: float) -> RatioBound:
+    """max over F in [F*, F_max] of F / C(F): an upper bound on Σf / Σc of any assignment with Σf ≥ F*,
+    since such an assignment has Σf = F for some F in that range and Σc ≥ C(F). On each linear piece
+    C = a + sF of the curve, F / C is monotone (its derivative a / C² has one sign), so the maximum is
+    at F* or at a breakpoint past it. Exact in rationals, then rounded up."""
+    curve = cost_curve(jobs)
+    target = Fraction(fidelity_target)
+    (f0, c0), (f_max, _) = curve[0], curve[-1]
+    unreachable = RatioBound(len(jobs), fidelity_target, _to_float(f_max, up=True), min_cost_usd=math.inf,
+                             fidelity_per_usd=None, cheapest_fidelity_per_usd=float(f0 / c0) if c0 else math.inf)
+    cost = min_cost(curve, target)
+    if cost is None:
+        return unreachable
+    if cost == 0:  # free backends reach F*: no finite bound, and no division by zero
+        return replace(unreachable, min_cost_usd=0.0, fidelity_per_usd=math.inf)
+    best = max([target / cost, *(f / c for f, c in curve if f > target)])
+    return replace(unreachable, min_cost_usd=_to_float(cost, up=False), fidelity_per_usd=_to_float(best, up=True))
+
+
+def oracle_bound(world: World, max_fidelity_mean: float, *, any_method: bool = False,
+                 loss: float = FIDELITY_LOSS_TARGET) -> RatioBound:
+    """The bound for routings of the world's trace that meet the fidelity target. The jobs counted
+    are those some backend can take, all of them run: exactly what max-fidelity completes (it drops
+    only the others), and the target compares means over completed jobs, so F* = (1 − loss) ×
+    max-fidelity's mean × their number. Less 5e-7 per job: ``compare`` tests means rounded to 6
+    decimals, so a routing passes with a true mean that much below."""
+    options = [o for o in (job_options(world, job, any_method=any_method) for job in world.jobs) if o]
+    return ratio_bound(options, ((1.0 - loss) * max_fidelity_mean - 5e-7) * len(options))
+
+
 def run_policies(world: World, policies: Sequence[str],
                  progress: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
     """Each policy on the world's trace, with the checks every run must pass: every job is
@@ -890,6 +1042,11 @@ def simulate(config: SimConfig, *, backends: Sequence[SimBackend] | None = None,
                       "num_qubits": b.num_qubits} for b in backends],
         "trace": {**trace_summary(world.jobs), **choice_spread(world)}, "policies": by_policy,
         **compare(by_policy)}
+    mf = by_policy.get("max-fidelity")
+    if mf is not None and mf["mean_fidelity"] is not None:
+        # routing alone (the EM policy keeps choosing the method), and routing with the method free too
+        result["oracle_bound"] = {kind: oracle_bound(world, mf["mean_fidelity"], any_method=free).to_json()
+                                  for kind, free in (("routing", False), ("routing_and_em_method", True))}
     if sensitivity:
         rows = []
         for name, variant in scenarios(config):
@@ -999,6 +1156,7 @@ def report_markdown(result: Mapping[str, Any], command: str) -> str:
         "",
         *_verdict(result),
         *_flips(result),
+        *_bound_section(result),
         "## Per policy",
         "",
         *_md_table(POLICY_COLUMNS, policy_rows(by_policy)),
@@ -1129,7 +1287,81 @@ def _exponent_trade(result: Mapping[str, Any]) -> list[str]:
         out[0] += (" On this catalog the two targets pull against each other: the loss shrinks only as v1 leaves "
                    "the cheap backends, and with them its fidelity per USD. Jobs that fit the free backend stay on "
                    "it at any exponent, since its cost term is zero.")
+        if _bound_rules_out(result):
+            out[0] += (" No exponent could do better: no routing at all meets both (see *Can any routing meet both "
+                       "targets?*).")
     return out
+
+
+def _best_other(result: Mapping[str, Any]) -> tuple[str, float] | None:
+    """The best fidelity per USD among the policies other than v1: what v1 must beat."""
+    others = [(m["fidelity_per_usd"], p) for p, m in result["policies"].items()
+              if p != "v1" and m["fidelity_per_usd"] is not None]
+    return (max(others)[1], max(others)[0]) if others else None
+
+
+def _bound_rules_out(result: Mapping[str, Any]) -> bool:
+    """Whether the routing bound lies below another policy's fidelity per USD: then no routing meets both
+    the fidelity target and the fidelity-per-USD one."""
+    bound, best = result.get("oracle_bound", {}).get("routing", {}), _best_other(result)
+    if best is None or bound.get("outcome") not in ("bounded", "unreachable"):
+        return False
+    return bound["outcome"] == "unreachable" or bool(bound["fidelity_per_usd"] < best[1])
+
+
+def _bound_figure(bound: Mapping[str, Any]) -> str:
+    if bound["outcome"] == "unbounded":
+        return "unbounded (free backends reach F*)"
+    if bound["outcome"] == "unreachable":
+        return "— (no routing reaches F*)"
+    return f"{math.ceil(bound['fidelity_per_usd'] * 10_000) / 10_000:.4f}"  # rounded up: it is an upper bound
+
+
+def _bound_section(result: Mapping[str, Any]) -> list[str]:
+    """The oracle bound set against the policies' fidelity per USD: can any routing meet both targets?"""
+    bounds, by_policy, best = result.get("oracle_bound"), result["policies"], _best_other(result)
+    if not bounds or "v1" not in by_policy or best is None:
+        return []
+    routing, free = bounds["routing"], bounds["routing_and_em_method"]
+    name, figure = best
+    rows = [["upper bound: any routing, each job with the EM policy's method", f"**{_bound_figure(routing)}**"],
+            ["upper bound: any routing and any EM method the shot budget allows", _bound_figure(free)],
+            ["every job on its cheapest option, in the bound's model", fmt(routing["cheapest_fidelity_per_usd"])],
+            [f"`{name}` (simulated)", fmt(figure)], ["`v1` (simulated)", fmt(by_policy["v1"]["fidelity_per_usd"])]]
+    if routing["outcome"] == "unreachable":
+        meaning = "Not even every job on its best option reaches F*: no routing meets the fidelity target at all."
+    elif _bound_rules_out(result):
+        meaning = (f"The bound is below `{name}`'s {figure:.4f}: no routing that keeps the mean fidelity within 3 % "
+                   "of max-fidelity's has the best fidelity per USD, so on this trace no routing meets both targets.")
+        if free["outcome"] == "unbounded" or (free["outcome"] == "bounded" and free["fidelity_per_usd"] >= figure):
+            meaning += (" Choosing the EM method for cost as well (unmitigated where ZNE triples the shots) is not "
+                        "ruled out by the second bound; the EM policy chooses it for fidelity.")
+    else:
+        meaning = (f"The bound is not below `{name}`'s {figure:.4f}: it does not rule out a routing that meets both "
+                   "targets on this trace.")
+    same_model = ""
+    cheap_in_model = routing["cheapest_fidelity_per_usd"]  # None: free
+    if _bound_rules_out(result) and routing["outcome"] == "bounded" and (
+            cheap_in_model is None or cheap_in_model > routing["fidelity_per_usd"]):
+        same_model = (" In the bound's own model every job on its cheapest option also beats the bound, so the "
+                      "verdict holds there too, without setting arrival-time against run-time fidelity.")
+    return [
+        "## Can any routing meet both targets?", "",
+        f"Over the {routing['jobs']} jobs some backend can take, all of them run (as max-fidelity runs them), a "
+        "routing within 3 % of max-fidelity's mean fidelity "
+        f"({by_policy['max-fidelity']['mean_fidelity']:.4f}) has summed fidelity at least "
+        f"F* = {routing['fidelity_target']:.2f}. The bound on its fidelity per USD, against the policies':", "",
+        *_md_table(["routing of this trace", "fidelity / USD"], rows), "",
+        meaning, "",
+        "C(F), the least cost at summed fidelity F with each job a mix of its (backend, EM method) options, is the "
+        "LP relaxation of choosing one per job, so no real choice costs less. It is computed exactly, in rationals: "
+        "each job's lower convex hull of (fidelity, cost), the segments of all jobs taken cheapest per unit "
+        "fidelity first; that equals the Lagrangian dual max over λ ≥ 0 of λF + Σ_j min_o (c_o − λ f_o). The bound "
+        f"is the largest F / C(F) for F from F* to F_max = {routing['max_fidelity']:.2f} (every job on its best "
+        "option), rounded up.", "",
+        "It takes each job's fidelity on the true calibration at its arrival, while the simulation realises it at "
+        "the job's start, after drift, and it ignores queues, outages and deadlines: optimistic for any real "
+        f"policy, an upper bound rather than a policy.{same_model}", ""]
 
 
 def _flips(result: Mapping[str, Any]) -> list[str]:
