@@ -163,6 +163,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2, help="uvicorn workers of qai serve")
     ap.add_argument("--batch", type=int, default=100, help="jobs per sign-batch and jobs/batch request in (b)")
+    ap.add_argument("--paced-rate", type=float, default=None,
+                    help="run (c) alone, its background load paced to this many jobs/s (skips (a) and (b))")
     args = ap.parse_args()
 
 
@@ -202,11 +204,11 @@ def main() -> None:
 
             # The machine's speed drifts (shared cores): (a) is measured right before (b), on the same
             # cores, with the server warm and idle. (After (b) the uploader is still draining.)
-            limit = crypto_limit(args.seconds)
+            limit = crypto_limit(args.seconds) if args.paced_rate is None else float("nan")
             results.update(crypto_limit_jobs_per_s=limit, batch=args.batch)
             print(f"(a) crypto-bound limit (ML-DSA-65 sign + verify, {os.cpu_count()} cores): {limit:8.1f} jobs/s")
             runs = [("b", PQC, "batches", "target >= 0.4x"), ("b-hybrid", HYBRID, "batches", "default suite"),
-                    ("b1", HYBRID, "single", "one job per request")]
+                    ("b1", HYBRID, "single", "one job per request")] if args.paced_rate is None else []
             for label, key, mode, note in runs:
                 if mode == "batches":
                     rate, lat = run_load(args.seconds, args.clients,
@@ -221,7 +223,7 @@ def main() -> None:
                                 f"{label}_ratio": rate / limit})
                 print(f"({label}) {key[1]}, {shape}: {rate:8.1f} jobs/s  p50 {p50:.1f} ms  p99 {p99:.1f} ms  "
                       f"ratio to (a) {rate / limit:.2f}x  ({note})")
-            rate = results["b_jobs_per_s"]
+            rate = results["b_jobs_per_s"] if args.paced_rate is None else 2 * args.paced_rate
 
             # (c): background batches paced to half of (b)'s rate from another process, and one probe
             # client here submitting single jobs back to back; the probe's latencies are (c).

@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from fastapi import APIRouter, Query
-from fastapi.responses import PlainTextResponse
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from orchestrator.http import PrincipalDep, ServicesDep
+from orchestrator.http import PrincipalDep, ServicesDep, run_bulk
 from sdk.crypto import public_key_pem
 from sdk.errors import QaiError
 from sdk.signing import KeyDocument, Prehash, SignatureBundle, b64decode, b64encode
@@ -144,12 +144,18 @@ def sign(name: str, body: SignInput, svc: ServicesDep, who: PrincipalDep) -> Sig
 
 
 @router.post("/keys/{name}/sign-batch", response_model=list[SignatureBundle])
-def sign_batch(name: str, body: SignBatchRequest, svc: ServicesDep, who: PrincipalDep) -> list[SignatureBundle]:
+async def sign_batch(name: str, body: SignBatchRequest, request: Request, svc: ServicesDep,
+                     who: PrincipalDep) -> Response:
     prehashes = {item.prehash for item in body.items}
     if len(prehashes) != 1:
         raise QaiError("kms.mixed_batch", "a batch signs messages or digests of one kind", status=422)
-    return svc.kms.sign_many(name, principal=who, items=[i.data() for i in body.items],
-                             prehash=prehashes.pop())
+
+    def sign() -> Response:  # the response is built on the worker thread too, not on the event loop
+        bundles = svc.kms.sign_many(name, principal=who, items=[i.data() for i in body.items],
+                                    prehash=prehashes.pop())
+        return JSONResponse([b.model_dump(mode="json") for b in bundles])
+
+    return await run_bulk(request, "sign-batch", sign)
 
 
 @router.post("/verify", response_model=VerifyResponse)

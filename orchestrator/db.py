@@ -252,13 +252,19 @@ R = TypeVar("R")
 
 class BackgroundLoop:
     """A daemon thread that calls ``step`` until closed: again at once while ``step`` returns
-    something true (more work waits), else after ``interval`` seconds. A failing step is logged and
-    retried after ``interval``. ``wait_first`` waits one interval before the first step."""
+    something true (more work waits), else after ``interval`` seconds or when :meth:`wake` is
+    called. A failing step is logged and retried after ``interval``. ``wait_first`` waits one
+    interval (or a wake) before the first step."""
 
     def __init__(self, name: str, step: Callable[[], object], interval: float, *, wait_first: bool = False) -> None:
         self.name, self.step, self.interval, self.wait_first = name, step, interval, wait_first
         self._stop = threading.Event()
+        self._poke = threading.Event()  # set by wake() and close(): ends a wait early
         self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
         if self._thread is not None:
@@ -267,8 +273,18 @@ class BackgroundLoop:
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
+    def wake(self) -> None:
+        """Run the step now rather than at the end of the current wait."""
+        self._poke.set()
+
+    def _wait(self) -> bool:
+        """Wait an interval or for a wake; True when closing."""
+        self._poke.wait(self.interval)
+        self._poke.clear()
+        return self._stop.is_set()
+
     def _run(self) -> None:
-        if self.wait_first and self._stop.wait(self.interval):
+        if self.wait_first and self._wait():
             return
         while not self._stop.is_set():
             try:
@@ -276,10 +292,12 @@ class BackgroundLoop:
                     continue
             except Exception:
                 logging.getLogger(__name__).exception("%s failed; retrying", self.name)
-            self._stop.wait(self.interval)
+            if self._wait():
+                return
 
     def close(self) -> None:
         self._stop.set()
+        self._poke.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None

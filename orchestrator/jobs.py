@@ -132,6 +132,15 @@ class _Accepted:
 
 
 
+@dataclass
+class Checked:
+    """A batch between :meth:`Jobs.check_many` and :meth:`Jobs.store`."""
+
+    results: list[Submitted | QaiError | None]  # per document: its error or earlier record, else None yet
+    repeats: list[tuple[int, _Accepted]] = field(default_factory=list)  # (position, its first submission)
+    todo: list[_Accepted] = field(default_factory=list)  # to index and ledger
+
+
 def _store_rows(accepted: Sequence[_Accepted]) -> LedgerWrite:
     """The ledger write of a batch: the index rows of the jobs not stored yet, in bulk, each with
     the index its ledger entry will get."""
@@ -171,6 +180,10 @@ class Jobs:
 
     def submit_batch(self, body: bytes, principal: Principal) -> list[Submitted | QaiError]:
         """``{"envelopes": [...]}`` (JSON or YAML bytes) → one result per envelope, in order."""
+        return self.store(self.check_batch(body, principal))
+
+    def check_batch(self, body: bytes, principal: Principal) -> Checked:
+        """The first, CPU-bound half of :meth:`submit_batch`: parse and check every envelope."""
         try:
             document = load_document(body, max_bytes=len(body))  # the HTTP layer bounds the size
             envelopes = document.get("envelopes") if isinstance(document, dict) else None
@@ -182,7 +195,7 @@ class Jobs:
         except QaiError as exc:
             metrics.JOBS_REJECTED.labels(exc.code).inc()
             raise
-        return self.submit_many(envelopes, principal)
+        return self.check_many(envelopes, principal)
 
     def submit_many(self, documents: Sequence[Any], principal: Principal) -> list[Submitted | QaiError]:
         """Submit parsed envelopes; one result per document, in order.
@@ -191,29 +204,39 @@ class Jobs:
         others are stored. Key documents and tenant policies are read once per batch, existing
         jobs in one query, and every new job is ledgered in one shared transaction.
         """
-        results: list[Submitted | QaiError | None] = [None] * len(documents)
+        return self.store(self.check_many(documents, principal))
+
+    def check_many(self, documents: Sequence[Any], principal: Principal) -> Checked:
+        """Everything before the write: each document checked (see :meth:`_check`), repeats within
+        the batch paired with their first, and jobs stored before answered from the index."""
+        checked = Checked([None] * len(documents))
         keys: dict[str, KeyDocument | QaiError] = {}
         policies: dict[str, dict[str, Any] | QaiError] = {}
         accepted: dict[str, _Accepted] = {}  # job_id -> the first valid submission in this batch
-        repeats: list[tuple[int, _Accepted]] = []
         for pos, document in enumerate(documents):
             try:
                 a = self._check(document, principal, keys, policies)
             except QaiError as exc:
-                results[pos] = exc
+                checked.results[pos] = exc
                 continue
             first = accepted.get(a.job_id)
             if first is None:
                 accepted[a.job_id] = a
                 a.positions.append(pos)
             elif first.digest == a.digest:
-                repeats.append((pos, first))
+                checked.repeats.append((pos, first))
             else:
-                results[pos] = _conflict(a.job_id)
+                checked.results[pos] = _conflict(a.job_id)
         for a in self._known(accepted):  # submitted before this batch: answered from the index
             del accepted[a.job_id]
-            results[a.positions[0]] = a.outcome
-        todo = list(accepted.values())
+            checked.results[a.positions[0]] = a.outcome
+        checked.todo = list(accepted.values())
+        return checked
+
+    def store(self, checked: Checked) -> list[Submitted | QaiError]:
+        """Index and ledger the checked jobs not stored yet, in one shared transaction; one result
+        per document, in order."""
+        results, todo = checked.results, checked.todo
         outcomes = self.ledger.submit([_store_rows(todo)]).result() if todo else []
         appended = [o for o in outcomes if not isinstance(o, BaseException)]
         receipts = iter(self.ledger.receipts(appended))
@@ -223,7 +246,7 @@ class Jobs:
             else:
                 a.outcome = Submitted(a.job_id, True, next(receipts))
             results[a.positions[0]] = a.outcome
-        for pos, first in repeats:
+        for pos, first in checked.repeats:
             out = first.outcome
             results[pos] = Submitted(out.job_id, False, out.receipt) if isinstance(out, Submitted) else out
         assert all(r is not None for r in results)

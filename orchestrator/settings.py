@@ -123,6 +123,10 @@ class Settings(BaseSettings):
         description="After start-up, freeze the heap out of the garbage collector's reach (orchestrator.app); "
                     "false only to measure what that saves.")
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
+    bulk_lane_concurrency: int = Field(
+        default=1, ge=1,
+        description="Batch requests (sign-batch, jobs/batch) one process works on at once, per endpoint; "
+                    "the rest queue, so that single requests do not share the GIL with many batches.")
     auth_cache_seconds: float = Field(
         default=2.0, ge=0,
         description="How long a verified bearer token is remembered; bounds revocation latency.",

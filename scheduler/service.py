@@ -462,7 +462,7 @@ class Scheduler:
         metrics.observe_decision(body)
         if chosen is not None:
             self._queued(chosen["backend_id"], inputs["job"]["priority_class"], float(run_seconds or 0.0))
-        return Decision(decision_id, row.job_id, True, document, path, self.svc.ledger.receipt(indexed.index))
+        return Decision(decision_id, row.job_id, True, document, path, self.svc.ledger.receipts([indexed])[0])
 
     # --------------------------------------------------------------------------------------- reading
 

@@ -374,3 +374,39 @@ def test_a_bulk_write_appends_only_the_entries_its_rows_accept(svc: Services) ->
         assert s.execute(sql("SELECT k, idx FROM bulk_rows ORDER BY k")).all() == [
             ("a", 0), ("b", 1), ("c", 2), ("taken", None)]  # nothing of the broken write
     assert svc.ledger.size() == 3
+
+
+def test_a_started_ledger_checkpoints_off_the_append_path(settings: Settings, db: Database) -> None:
+    """With the checkpointer thread running (``qai serve``), reaching ``checkpoint_every`` wakes it
+    instead of signing in the writer: the append returns while the checkpoint is still being made,
+    and the checkpoint follows without waiting for the (hour-long) interval."""
+    import threading
+
+    services = ledger_services(settings, db, ledger_checkpoint_every=5, ledger_checkpoint_interval_seconds=3600)
+    svc = next(services)
+    entered, release = threading.Event(), threading.Event()
+    checkpoint = svc.ledger.checkpoint
+
+    def held() -> object:
+        entered.set()
+        release.wait(30)
+        return checkpoint()
+
+    svc.ledger.checkpoint = held  # type: ignore[method-assign]
+    try:
+        svc.ledger.start()
+        try:
+            assert _fill(svc, 5) == list(range(5))  # returned although the checkpoint is held
+            assert entered.wait(30), "the writer did not wake the checkpointer"
+            assert svc.ledger.latest_checkpoint_row() is None  # still held: nobody waited for it
+        finally:
+            release.set()
+        for _ in range(3000):  # the checkpointer finishes on its own thread
+            row = svc.ledger.latest_checkpoint_row()
+            if row is not None:
+                break
+            threading.Event().wait(0.01)
+        assert row is not None and row.size == 5
+        assert verify_checkpoint(row.note, svc.ledger.checkpoint_key()).checkpoint.size == 5
+    finally:
+        services.close()
