@@ -162,7 +162,6 @@ def create_app(services: Services | None = None, components: Sequence[str] = COM
         lifespan=lifespan,
     )
     app.state.services = services
-    app.state.bulk_lanes = {}  # orchestrator.http.run_bulk
     install_error_handlers(app)
     app.include_router(health)
     app.include_router(metrics_router())

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from orchestrator import metrics
 from orchestrator.auth import Principal, authenticate
 from orchestrator.services import Services
 from sdk.errors import QaiError
@@ -149,13 +150,24 @@ async def run_bulk(request: Request, lane: str, fn: Callable[..., T], *args: Any
     ``lane`` at a time in this process; the others wait their turn without holding a thread.
 
     Why: a batch of 100 jobs is about 100 ms of Python in one request. Several at once in one
-    process shared the GIL with every single-job request there, which then waited for all of them
-    (single-job p99 262-400 ms at half the batch throughput, against 113-120 ms with one batch at a
-    time; docs/benchmarks.md). Batches are CPU-bound, so queueing them costs little throughput.
-    The limiter is made on first use, inside the event loop it belongs to."""
-    lanes: dict[str, anyio.CapacityLimiter] = request.app.state.bulk_lanes
+    process shared the GIL with every single-job request there, which then waited for all of them:
+    single-job p99 340-377 ms with the lanes open against 149-216 ms with one batch at a time, in
+    alternating runs (docs/benchmarks.md). Batches are CPU-bound, so queueing them costs little
+    throughput. Lanes are made on first use, inside the event loop they belong to."""
+    lanes: dict[str, anyio.CapacityLimiter] | None = getattr(request.app.state, "bulk_lanes", None)
+    if lanes is None:
+        lanes = request.app.state.bulk_lanes = {}
     limiter = lanes.get(lane)
     if limiter is None:
         svc: Services = request.app.state.services
         limiter = lanes[lane] = anyio.CapacityLimiter(svc.settings.bulk_lane_concurrency)
-    return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=limiter)
+    waiting = metrics.BULK_LANE_WAITING.labels(lane)
+    waiting.inc()
+    try:
+        await limiter.acquire()
+    finally:
+        waiting.dec()
+    try:
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args))
+    finally:
+        limiter.release()

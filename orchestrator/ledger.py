@@ -214,6 +214,7 @@ class Ledger:
         self._writer.after_commit = self._after_commit
         self._checkpointed = -1  # size of the last checkpoint this process knows of
         self._checkpoint_lock = threading.Lock()
+        self._size_due = False  # the writer saw checkpoint_every reached and woke the checkpointer
         self._timer = BackgroundLoop("ledger-checkpointer", self._checkpoint_tick, self.config.checkpoint_interval,
                                      wait_first=True)
         self._key: KeyDocument | None = None
@@ -308,13 +309,18 @@ class Ledger:
                 # Off the append path, as transparency logs sequence and sign apart: inline, every
                 # caller of this commit and every write queued behind it waited for the signature,
                 # the checkpoint row and its publication (the p99 of single-job ingest under load).
+                self._size_due = True
                 self._timer.wake()
                 return
-            # Re-read before signing: another process may have checkpointed since we last looked.
-            latest = self.latest_checkpoint_row()
-            self._checkpointed = latest.size if latest else 0
-            if size - self._checkpointed >= self.config.checkpoint_every:
-                self.checkpoint()
+            self._checkpoint_if_due(size)
+
+    def _checkpoint_if_due(self, size: int) -> None:
+        # Re-read before signing: another process may have checkpointed since we last looked (its
+        # checkpoints do not move this process's count, so without this every commit would sign).
+        latest = self.latest_checkpoint_row()
+        self._checkpointed = latest.size if latest else 0
+        if size - self._checkpointed >= self.config.checkpoint_every:
+            self.checkpoint()
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -419,7 +425,13 @@ class Ledger:
                                   .order_by(LedgerCheckpointRow.size).limit(limit)))
 
     def _checkpoint_tick(self) -> bool:
-        self.checkpoint()
+        if self._size_due:  # woken by the writer: the count, as an inline checkpoint would check it
+            self._size_due = False
+            with self.db.read() as s:
+                size = tree_size(s)
+            self._checkpoint_if_due(size)
+        else:  # the interval: whenever the log grew
+            self.checkpoint()
         return False  # then wait a full interval, whether or not it signed one
 
     def checkpoint(self) -> SignedCheckpoint | None:

@@ -51,6 +51,9 @@ KMS_AUDIT_RECORDS = Counter("qai_kms_audit_records", "KMS audit-log records comm
                             ["operation", "result"])
 
 # ------------------------------------------------------------------------------------------ ledger
+BULK_LANE_WAITING = Gauge("qai_bulk_lane_waiting_requests",
+                          "Batch requests waiting for their bulk lane in this process (orchestrator.http.run_bulk)",
+                          ["lane"])
 LEDGER_SIZE = Gauge("qai_ledger_size_entries", "Entries in the transparency ledger (set on every append)")
 LEDGER_APPEND_SECONDS = Histogram("qai_ledger_append_duration_seconds",
                                   "From queueing a ledger write to its commit (group commit included)",

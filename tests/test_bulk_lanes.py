@@ -12,6 +12,7 @@ import anyio
 import httpx
 import pytest
 from fastapi import FastAPI, Request
+from prometheus_client import REGISTRY
 
 from orchestrator.http import run_bulk
 
@@ -19,7 +20,6 @@ from orchestrator.http import run_bulk
 def _app(concurrency: int, gate: threading.Event, inside: list[int], peak: list[int]) -> FastAPI:
     app = FastAPI()
     app.state.services = SimpleNamespace(settings=SimpleNamespace(bulk_lane_concurrency=concurrency))
-    app.state.bulk_lanes = {}
     lock = threading.Lock()
 
     def work(n: int) -> dict[str, Any]:
@@ -59,17 +59,19 @@ def test_a_lane_admits_its_concurrency_and_queues_the_rest(concurrency: int) -> 
     async def main() -> None:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
             requests = [asyncio.create_task(c.post(f"/batch/{n}")) for n in range(3)]
-            await _until(lambda: "batch" in app.state.bulk_lanes
+            await _until(lambda: "batch" in getattr(app.state, "bulk_lanes", {})  # made by the first request
                          and app.state.bulk_lanes["batch"].statistics().tasks_waiting == 3 - concurrency
                          and inside[0] == concurrency)
             lane: anyio.CapacityLimiter = app.state.bulk_lanes["batch"]
             assert lane.borrowed_tokens == concurrency  # the others wait for a token, not in a thread
+            assert REGISTRY.get_sample_value("qai_bulk_lane_waiting_requests", {"lane": "batch"}) == 3 - concurrency
             single = await c.get("/single")  # a request outside the lane is not held up by it
             assert single.json() == {"ok": True}
             gate.set()
             answers = [(await r).json()["n"] for r in requests]
             assert answers == [0, 1, 2]
             assert lane.borrowed_tokens == 0
+            assert REGISTRY.get_sample_value("qai_bulk_lane_waiting_requests", {"lane": "batch"}) == 0
 
     asyncio.run(main())
     assert peak[0] == concurrency

@@ -410,3 +410,34 @@ def test_a_started_ledger_checkpoints_off_the_append_path(settings: Settings, db
         assert verify_checkpoint(row.note, svc.ledger.checkpoint_key()).checkpoint.size == 5
     finally:
         services.close()
+
+
+def test_a_started_ledger_counts_other_processes_checkpoints(settings: Settings, db: Database) -> None:
+    """Another process's checkpoint resets the count: a started ledger whose own count is stale
+    re-reads the latest checkpoint before signing, rather than signing after every commit."""
+    import threading
+
+    from orchestrator.services import build_services
+
+    services = ledger_services(settings, db, ledger_checkpoint_every=5, ledger_checkpoint_interval_seconds=3600)
+    first = next(services)
+    second = build_services(first.settings, db=db)
+    try:
+        _fill(first, 5)  # the first process signs inline (no checkpointer thread): size 5
+        assert [r.size for r in first.ledger.checkpoints()] == [5]
+        checked = threading.Event()
+        due = second.ledger._checkpoint_if_due
+
+        def counted(size: int) -> None:
+            due(size)
+            checked.set()
+
+        second.ledger._checkpoint_if_due = counted  # type: ignore[method-assign]
+        second.ledger.start()
+        envs = signed_envelopes(second.kms, "org-a.manifests", "org-a", 2)
+        second.ledger.append_object("run-manifest", "org-a", envs[0])  # its count says 6 since none
+        assert checked.wait(30), "the writer did not wake the checkpointer"
+        assert [r.size for r in first.ledger.checkpoints()] == [5]  # 6 - 5 < 5: nothing signed
+    finally:
+        second.close()
+        services.close()
