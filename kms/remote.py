@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote
@@ -132,6 +132,11 @@ class RemoteKMS:
             out.extend(SignatureBundle.model_validate(b)
                        for b in self._post(f"/v1/keys/{_path(name)}/sign-batch", {"items": batch}))
         return out
+
+    def start_sign_many(self, name: str, *, principal: Principal, items: Sequence[bytes | None],
+                        prehash: Prehash | None = None) -> tuple[list[SignatureBundle], Callable[[], None]]:
+        """As ``KMS.start_sign_many``: the remote KMS returns signatures only once audited."""
+        return self.sign_many(name, principal=principal, items=items, prehash=prehash), lambda: None
 
     def verify(self, bundle: SignatureBundle, message: bytes, *, principal: Principal,
                at: datetime | None = None) -> KeyVersionDocument:

@@ -336,6 +336,21 @@ class KMS:
         prehash: Prehash | None = None,
     ) -> list[SignatureBundle]:
         """Sign several messages (or digests) with one key; one audit transaction for all."""
+        bundles, durable = self.start_sign_many(name, principal=principal, items=items, prehash=prehash)
+        durable()
+        return bundles
+
+    def start_sign_many(
+        self,
+        name: str,
+        *,
+        principal: Principal,
+        items: Sequence[bytes | None],
+        prehash: Prehash | None = None,
+    ) -> tuple[list[SignatureBundle], Callable[[], None]]:
+        """:meth:`sign_many` without its wait for the audit records: the caller must call the
+        returned function, which waits for them and raises if they were not written, before a
+        signature leaves the KMS. The API's batch signing computes the next batch meanwhile."""
         try:
             version = self._signing_version(name, principal)
             to_sign = [self._check_input(item, prehash) for item in items]
@@ -375,9 +390,12 @@ class KMS:
             metrics.SIGNATURES.labels("sign", version.suite, "error").inc(len(to_sign))
             self._audit_error(principal, "sign", name, version.version, exc.code)
             raise
-        committed.result()
-        metrics.SIGNATURES.labels("sign", version.suite, "ok").inc(len(bundles))
-        return bundles
+
+        def durable() -> None:
+            committed.result()
+            metrics.SIGNATURES.labels("sign", version.suite, "ok").inc(len(bundles))
+
+        return bundles, durable
 
     def verify(
         self,
