@@ -144,7 +144,6 @@ async def json_body(request: Request) -> Any:
                        status=400, details={"line": exc.lineno, "column": exc.colno}) from exc
 
 
-
 async def run_bulk(request: Request, lane: str, fn: Callable[..., T], *args: Any) -> T:
     """Run a batch endpoint's work on a worker thread, at most ``bulk_lane_concurrency`` batches of
     ``lane`` at a time in this process; the others wait their turn without holding a thread.
