@@ -88,7 +88,8 @@ def test_cost_curve_is_the_exact_lp_value() -> None:
     """At each F, C(F) equals the Lagrangian dual at the slope of the segment holding F (so it is a
     valid lower bound on every assignment's cost) and no λ gives a higher dual (so it is tight);
     scipy's LP solver agrees."""
-    linprog = pytest.importorskip("scipy.optimize").linprog
+    from scipy.optimize import linprog  # scikit-learn's dependency: always installed
+
     rng = random.Random("dual")
     for _ in range(60):
         jobs = _instance(rng, coarse=rng.random() < 0.5)
