@@ -19,6 +19,7 @@ from kms.remote import RemoteKMS
 from orchestrator.http import BodySizeLimit, ServicesDep, install_error_handlers
 from orchestrator.metrics import RequestMetrics, metrics_router
 from orchestrator.services import Services, get_services
+from orchestrator.uploader_process import runs_uploader_thread
 from sdk.errors import QaiError
 
 COMPONENTS = ("kms", "ledger", "jobs", "em-policy", "scheduler")
@@ -135,7 +136,7 @@ def create_app(services: Services | None = None, components: Sequence[str] = COM
         bind(app.state.services)
         if "ledger" in components:
             app.state.services.ledger.start()
-        if "jobs" in components:
+        if "jobs" in components and runs_uploader_thread(app.state.services.settings):
             app.state.services.uploader.start()
         if "em-policy" in components or "scheduler" in components:
             from em_policy.api import warm_up

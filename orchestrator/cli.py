@@ -58,12 +58,55 @@ def serve(
                       details={"components": ["all", *COMPONENTS]}), False)
     from orchestrator.app import served_components
     from orchestrator.settings import get_settings
+    from orchestrator.uploader_process import uploader_process
 
+    settings = get_settings()
     with cli_errors(False):
-        served_components(COMPONENTS if component == "all" else (component,), get_settings().kms_url)
+        served_components(COMPONENTS if component == "all" else (component,), settings.kms_url)
         services()  # migrate and open the HSM (or reach the KMS) before accepting traffic
     factory = "orchestrator.main:app" if component == "all" else f"orchestrator.main:{component.replace('-', '_')}_app"
-    uvicorn.run(factory, host=host, port=port, workers=workers, log_level="warning")
+    with uploader_process(settings, component):  # started after the migration, stopped after the workers
+        uvicorn.run(factory, host=host, port=port, workers=workers, log_level="warning")
+
+
+def uploader(
+    drain: Annotated[bool, typer.Option("--drain", help="Upload what the outbox holds now, then exit.")] = False,
+    timeout: Annotated[float, typer.Option(help="With --drain: give up (exit 1, outbox.stuck) after this "
+                                           "many seconds.")] = 600.0,
+    parent: Annotated[int | None, typer.Option(hidden=True, help="Exit when this process is gone "
+                                               "(qai serve passes its pid).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Move signed envelopes from the database outbox to the object store, verified by hash, until
+    stopped (SIGTERM or Ctrl-C). `qai serve` runs one itself (QAI_UPLOADER=process); run this one
+    where QAI_UPLOADER=external, e.g. as its own Deployment."""
+    import logging
+    import signal
+    import threading
+    from types import FrameType
+
+    from orchestrator.settings import get_settings
+    from orchestrator.uploader_process import drain_outbox, run_uploader
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    if drain:
+        with cli_errors(as_json):
+            pending = drain_outbox(settings, timeout)
+        if as_json:
+            print_json({"uploaded": pending})
+        else:
+            console.print(f"outbox drained: {pending} envelope(s) were pending")
+        return
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with cli_errors(as_json):
+        run_uploader(settings, stop, parent=parent)
 
 
 @db_app.command("upgrade")
@@ -182,6 +225,7 @@ def register(app: typer.Typer) -> None:
     from scheduler.worker_cli import worker
 
     app.command("serve")(serve)
+    app.command("uploader")(uploader)
     app.add_typer(db_app, name="db")
     app.add_typer(tenants_app, name="tenants")
     app.add_typer(tokens_app, name="tokens")

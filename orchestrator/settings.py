@@ -14,6 +14,7 @@ import os
 import secrets
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -93,6 +94,16 @@ class Settings(BaseSettings):
         default=10.0, ge=0, description="Checkpoint this often when the log grew (0: only by count).")
     ledger_key_name: str = "qai.ledger-checkpoint"
     ledger_suite: str = "ML-DSA-65+ECDSA-P256"
+
+    # Outbox uploader (orchestrator/jobs.py: Uploader; orchestrator/uploader_process.py)
+    uploader: Literal["process", "thread", "external"] = Field(
+        default="process",
+        description="Where the outbox uploader runs. process: `qai serve` (all or jobs) starts one `qai uploader` "
+                    "process beside its workers, so uploads do not share the workers' GIL (an app started any "
+                    "other way runs a thread). thread: each process serving jobs runs one. external: none here; "
+                    "run `qai uploader` yourself.")
+    uploader_nice: int = Field(default=0, ge=0, le=19,
+                               description="Niceness the uploader process adds to itself (0: as the server).")
 
     # Dispatch and workers (scheduler/dispatch.py, scheduler/worker.py)
     worker_lease_seconds: float = Field(
