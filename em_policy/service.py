@@ -61,11 +61,13 @@ class PredictRequest(BaseModel):
 
 class Alternative(BaseModel):
     method: str
+    params: dict[str, Any]
     probability: float
     expected_fidelity: float
     fidelity_std: float
     shot_multiplier: float
     within_budget: bool
+    estimated_seconds: float | None
 
 
 class Prediction(BaseModel):
@@ -252,16 +254,24 @@ class PolicyService:
             outside.append(out_of_range)
             contexts.append((i, *context))
         decisions = model.decide(rows, ratios, notes, outside) if rows else []
+        params: dict[str, dict[str, Any]] = {}
+
+        def params_of(method: str) -> dict[str, Any]:  # one parse per method, not per backend
+            if method not in params:
+                params[method] = method_params(method, model, version)
+            return dict(params[method])
         for d, (i, req, snap, features, sps) in zip(decisions, contexts, strict=True):
             metrics.POLICY_PREDICTIONS.labels(d.method).inc()
             metrics.POLICY_SHOT_MULTIPLIER.observe(d.shot_multiplier)
             metrics.POLICY_EXPECTED_FIDELITY.observe(d.expected_fidelity)
             shots = math.ceil(req.shots * d.shot_multiplier)
             results[i] = Prediction(
-                method=d.method, params=method_params(d.method, model, version), shot_multiplier=d.shot_multiplier,
+                method=d.method, params=params_of(d.method), shot_multiplier=d.shot_multiplier,
                 expected_fidelity=d.expected_fidelity, confidence=d.confidence, model_version=version,
                 calibration_snapshot_id=snap.id, estimated_shots=shots, estimated_seconds=shots * sps,
-                alternatives=[Alternative(**a) for a in d.alternatives], warnings=d.warnings, features=features)
+                alternatives=[Alternative(**a, params=params_of(a["method"]),
+                                          estimated_seconds=math.ceil(req.shots * a["shot_multiplier"]) * sps)
+                              for a in d.alternatives], warnings=d.warnings, features=features)
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 

@@ -26,6 +26,9 @@ def simulate_cmd(
     queue_view: Annotated[str, typer.Option(help="Queue wait the policies see: provider (whole backlog) or "
                                                  "catalog (catalog mean + qai's backlog, as scheduler.service)."
                                             )] = "provider",
+    profile: Annotated[str, typer.Option(help="v1's tenant profile: default (SPEC-001's ratio, the policy's EM "
+                                              "method) or value (USD utility, co-selects the EM method).")
+                       ] = "default",
     sensitivity: Annotated[bool, typer.Option(help="Also rerun with one setting changed at a time.")] = True,
     report: Annotated[Path | None, typer.Option(help="Markdown report to write.")] = DEFAULT_REPORT,
     no_report: Annotated[bool, typer.Option("--no-report", help="Write no report.")] = False,
@@ -41,7 +44,7 @@ def simulate_cmd(
 
     with cli_errors(as_json):
         config = SimConfig(jobs=jobs, seed=seed, arrival_rate=arrival_rate, peak=peak, max_qubits=max_qubits,
-                           foreign_load=foreign_load, queue_view=queue_view)
+                           foreign_load=foreign_load, queue_view=queue_view, v1_profile=profile)
         with progress(as_json) as bar:
             task = bar.add_task("loading the catalog and compiling circuits", total=planned_ticks(config, sensitivity))
 
@@ -67,7 +70,8 @@ def command_line(config: Any, sensitivity: bool, report: Path) -> str:
     args = ["qai", "scheduler", "simulate", "--jobs", str(config.jobs), "--seed", str(config.seed),
             "--arrival-rate", repr(config.arrival_rate), "--peak" if config.peak else "--no-peak",
             "--max-qubits", str(config.max_qubits), "--foreign-load" if config.foreign_load else "--no-foreign-load",
-            "--queue-view", config.queue_view, "--sensitivity" if sensitivity else "--no-sensitivity",
+            "--queue-view", config.queue_view, "--profile", config.v1_profile,
+            "--sensitivity" if sensitivity else "--no-sensitivity",
             "--report", str(report)]
     return shlex.join(args)
 

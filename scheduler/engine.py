@@ -49,6 +49,13 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "fidelity_exponent": 1.0,
     # an exact tie of scores is broken by the seeded draw; closer than this counts as a tie
     "tie_tolerance": 1e-12,
+    # 1: score every EM method the policy predicts within the job's shot budget (the prediction's
+    # ``options``) on every backend and take the best (backend, method) pair; 0: the policy's method
+    "em_coselect": 0,
+    # value-score: what one unit of expected post-EM fidelity is worth, and what a second of queue
+    # wait plus run time costs (times the class's wait_weight), both in USD
+    "fidelity_value_usd": 100.0,
+    "wait_cost_usd_per_second": 0.001,
 }
 
 
@@ -153,14 +160,25 @@ def decide(inputs: Mapping[str, Any], plugins: Sequence[Plugin], *, inputs_canon
     if config_hash(config) != inputs["profile"]["config_hash"]:
         raise SchedulingError("the recorded config does not match its hash")
     job, policy = inputs["job"], inputs["tenant_policy"]
+    coselect = coselects(config)
     rows = []
+    judged: dict[str, Mapping[str, Any]] = {}  # backend id -> the backend as scored (with its chosen method)
     for backend in sorted(inputs["backends"], key=lambda b: b["backend_id"]):
-        filters, eligible = _judge(job, backend, policy, plugins, config)
-        row: dict[str, Any] = {"backend_id": backend["backend_id"],
-                               "calibration_snapshot_id": backend.get("calibration_snapshot_id"),
-                               "filters": filters, "eligible": eligible}
-        if eligible:
-            row["terms"], row["score"] = _score(job, backend, policy, plugins, config)
+        row: dict[str, Any] = {}
+        for view in em_options(backend) if coselect else (backend,):
+            filters, eligible = _judge(job, view, policy, plugins, config)
+            candidate: dict[str, Any] = {"backend_id": backend["backend_id"],
+                                         "calibration_snapshot_id": backend.get("calibration_snapshot_id"),
+                                         "filters": filters, "eligible": eligible}
+            if eligible:
+                candidate["terms"], candidate["score"] = _score(job, view, policy, plugins, config)
+                if coselect:
+                    candidate["em_method"] = view["prediction"]["method"]
+            # the first option (the policy's own method) stands for a backend no option fits, and
+            # wins ties: another method must score strictly higher to be chosen instead
+            if not row or (eligible and (not row["eligible"] or candidate["score"] > row["score"])):
+                row = candidate
+                judged[backend["backend_id"]] = view
         rows.append(row)
     eligible_rows = [r for r in rows if r["eligible"]]
     body: dict[str, Any] = {
@@ -178,7 +196,7 @@ def decide(inputs: Mapping[str, Any], plugins: Sequence[Plugin], *, inputs_canon
     tied = sorted(r["backend_id"] for r in eligible_rows if best - r["score"] <= config["tie_tolerance"] * best)
     chosen_id = tied[0] if len(tied) == 1 else random.Random(inputs["seed"]).choice(tied)
     chosen = next(r for r in eligible_rows if r["backend_id"] == chosen_id)
-    backend = next(b for b in inputs["backends"] if b["backend_id"] == chosen_id)
+    backend = judged[chosen_id]
     prediction = backend["prediction"]
     others = sorted((r["score"] for r in eligible_rows if r is not chosen), reverse=True)
     runner_up = others[0] if others else 0.0
@@ -192,7 +210,9 @@ def decide(inputs: Mapping[str, Any], plugins: Sequence[Plugin], *, inputs_canon
                 "shot_multiplier": prediction["shot_multiplier"],
                 "expected_fidelity": prediction["expected_fidelity"],
                 "model_version": prediction["model_version"], "score": chosen["score"],
-                "tie_broken_by_seed": len(tied) > 1},
+                "tie_broken_by_seed": len(tied) > 1,
+                # co-selected: the method may not be the policy's, so its run time is recorded too
+                **({"estimated_seconds": prediction["estimated_seconds"]} if coselect else {})},
         confidence=round(confidence, 12),
         rationale=(f"{chosen_id} scores highest of {len(eligible_rows)} eligible backends "
                    f"({len(rows) - len(eligible_rows)} filtered): expected post-EM fidelity "
@@ -201,6 +221,22 @@ def decide(inputs: Mapping[str, Any], plugins: Sequence[Plugin], *, inputs_canon
                    f"{runner_up / best:.3f} of its score"),
     )
     return body
+
+
+def coselects(config: Mapping[str, Any]) -> bool:
+    """Whether a profile co-selects the EM method (``em_coselect``; configs recorded before the
+    knob existed lack it and do not)."""
+    return bool(config.get("em_coselect", 0))
+
+
+def em_options(backend: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The backend once per EM method its prediction offers (``prediction.options``, the policy's
+    own method first), each view carrying that method's prediction; the backend alone when it has
+    no prediction or no options."""
+    p = backend.get("prediction")
+    if not p or not p.get("options"):
+        return [backend]
+    return [{**backend, "prediction": {**p, **option}} for option in p["options"]]
 
 
 def rejections(body: Mapping[str, Any]) -> list[dict[str, Any]]:

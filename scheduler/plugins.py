@@ -8,6 +8,7 @@ snapshot id, its status, its expected queue wait and the EM policy's prediction 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from importlib.metadata import entry_points
 from typing import Any
@@ -128,6 +129,30 @@ def v1_score(job: J, backend: J, policy: J, config: J) -> dict[str, float]:
             "availability_factor": availability, "crypto_factor": compatible}
 
 
+MIN_VALUE_FACTOR = 1e-300  # exp() of a very negative utility rounds to 0, which would read as "does not fit"
+
+
+def value_score(job: J, backend: J, policy: J, config: J) -> dict[str, float]:
+    """A utility in USD instead of v1's ratio: ``fidelity_value_usd`` x expected post-EM fidelity,
+    minus the effective cost, minus ``wait_cost_usd_per_second`` x the class's ``wait_weight`` x
+    (queue wait + run time). The engine multiplies factors, so the utility enters as
+    exp((utility - value) / value), which ranks as the utility does; availability and crypto
+    compatibility are the same factors as v1's. Replaces ``v1-score`` and ``wait`` in a profile
+    (it prices waiting itself); with ``em_coselect`` it also picks the EM method."""
+    p = backend["prediction"]
+    cost = float(backend["cost_per_shot"]) * job["shots"] * float(p["shot_multiplier"])
+    value = float(config["fidelity_value_usd"])
+    waiting = float(config["wait_cost_usd_per_second"]) * float(config["wait_weight"][job["priority_class"]]) \
+        * _completion_seconds(backend)
+    utility = value * float(p["expected_fidelity"]) - cost - waiting
+    factor = math.exp((utility - value) / value) if value > 0 else (1.0 if utility >= 0 else 0.0)
+    available = backend["availability"] >= config["availability_threshold"]
+    compatible = 1.0 if crypto_mode(job, backend, policy, config) is None else 0.0
+    return {"utility_usd": utility, "value_factor": max(factor, MIN_VALUE_FACTOR),
+            "availability_factor": 1.0 if available else float(config["availability_penalty"]),
+            "crypto_factor": compatible}
+
+
 def wait(job: J, backend: J, policy: J, config: J) -> dict[str, float]:
     """Priority classes: time spent waiting costs critical work most and background work least."""
     seconds = _completion_seconds(backend)
@@ -156,6 +181,12 @@ BUILTIN: tuple[Plugin, ...] = (
 )
 
 
+# Score plugins a profile may name instead of the defaults; not part of the default profile.
+OPTIONAL: tuple[Plugin, ...] = (
+    Plugin("value-score", "1", "score", value_score, needs_prediction=True),
+)
+
+
 def crypto_violations(job: J, backend: J, policy: J) -> list[str]:
     """The crypto requirements (job crypto mode and the tenant's minimum, allowed backends, QKD)
     that ``backend`` fails, checked apart from any profile: a tenant profile may leave filters out,
@@ -169,8 +200,8 @@ def crypto_violations(job: J, backend: J, policy: J) -> list[str]:
 
 
 def available() -> dict[str, Plugin]:
-    """Built-ins plus every plugin installed under the entry-point group, by name."""
-    found = {p.name: p for p in BUILTIN}
+    """Built-ins, the optional ones, and every plugin installed under the entry-point group, by name."""
+    found = {p.name: p for p in (*BUILTIN, *OPTIONAL)}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         plugin = ep.load()
         if not isinstance(plugin, Plugin):

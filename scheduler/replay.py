@@ -24,7 +24,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from orchestrator import metrics
-from scheduler.engine import SchedulingError, decide
+from scheduler.engine import SchedulingError, coselects, decide
 from scheduler.plugins import resolve
 from sdk.canonical import canonical_json
 from sdk.dsse import parse_envelope
@@ -161,7 +161,7 @@ def rederive(svc: Services, document: Mapping[str, Any]) -> list[Check]:
         if snap.ok and (b.get("prediction") or b.get("prediction_error")):
             asked.append(b)
     if qasm is not None and asked:
-        checks += _predictions(svc, qasm, inputs["job"], asked)
+        checks += _predictions(svc, qasm, inputs["job"], asked, options=coselects(inputs["profile"]["config"]))
     return checks
 
 
@@ -203,7 +203,8 @@ def _snapshot(svc: Services, backend_id: str, snapshot_id: str) -> Check:
     return Check(f"snapshot:{backend_id}", True, "content matches its id")
 
 
-def _predictions(svc: Services, qasm: str, job: Mapping[str, Any], asked: list[Mapping[str, Any]]) -> list[Check]:
+def _predictions(svc: Services, qasm: str, job: Mapping[str, Any], asked: list[Mapping[str, Any]], *,
+                 options: bool) -> list[Check]:
     """The predictions recomputed in one batch, as they were made, by the model version they name
     (a decision asks one model about every backend; with only errors recorded, the serving one)."""
     from scheduler.service import Scheduler, scheduler
@@ -215,7 +216,7 @@ def _predictions(svc: Services, qasm: str, job: Mapping[str, Any], asked: list[M
     again: list[dict[str, Any]] = [{"calibration_snapshot_id": b["calibration_snapshot_id"], "prediction": None,
                                     "prediction_error": None} for b in asked]
     try:
-        Scheduler.predict(scheduler(svc).policy(version), qasm, job, again)
+        Scheduler.predict(scheduler(svc).policy(version), qasm, job, again, options=options)
     except QaiError as exc:
         return [Check("predictions", False, f"cannot recompute: {exc.code}: {exc.message}")]
     checks = []

@@ -39,6 +39,7 @@ from scheduler.engine import (
     DEFAULT_CONFIG,
     PRIORITY_CLASSES,
     Plugin,
+    coselects,
     decide,
     prefilter,
     profile,
@@ -175,6 +176,10 @@ def tenant_profile(policy: Mapping[str, Any]) -> tuple[list[Plugin], dict[str, A
     if missing:
         raise QaiError("scheduler.bad_profile", f"a profile must keep the built-in filters; it drops {missing}",
                        status=422, details={"missing": missing})
+    if "value-score" in names and names & {"v1-score", "wait"}:
+        raise QaiError("scheduler.bad_profile", "value-score replaces v1-score and wait (it prices waiting itself); "
+                       "a profile names one or the other", status=422,
+                       details={"plugins": sorted(names & {"value-score", "v1-score", "wait"})})
     config = configured.get("config") or {}
     if not isinstance(config, dict):
         raise QaiError("scheduler.bad_profile", "the profile's config must be an object", status=422)
@@ -308,7 +313,7 @@ class Scheduler:
         config = prof["config"]
         worth = [r for r in records if prefilter(job, r, policy, plugins, config)]
         if worth:
-            self.predict(self.policy(), qasm, job, worth)
+            self.predict(self.policy(), qasm, job, worth, options=coselects(config))
         return {"job": job, "tenant_policy": _policy_record(policy), "backends": records, "profile": dict(prof),
                 "seed": manifest.seed, "now": now.isoformat()}
 
@@ -319,15 +324,17 @@ class Scheduler:
         return policy_service(self.svc) if model_version is None else pinned_policy(self.svc, model_version)
 
     @staticmethod
-    def predict(service: PolicyService, qasm: str, job: Mapping[str, Any], records: Sequence[dict[str, Any]]) -> None:
-        """Fill each record's ``prediction`` (or ``prediction_error``) from ``service``."""
+    def predict(service: PolicyService, qasm: str, job: Mapping[str, Any], records: Sequence[dict[str, Any]],
+                *, options: bool = False) -> None:
+        """Fill each record's ``prediction`` (or ``prediction_error``) from ``service``; with
+        ``options`` (a profile with ``em_coselect``), every method within the budget too."""
         requests = [_request(qasm, job, r["calibration_snapshot_id"]) for r in records]
         predictions = service.predict_each(requests)  # server-side errors (no model) raise
         for r, p in zip(records, predictions, strict=True):
             if isinstance(p, QaiError):
                 r["prediction_error"] = {"code": p.code, "message": p.message}
             else:
-                r["prediction"] = prediction_record(p)
+                r["prediction"] = prediction_record(p, options=options)
 
     # -------------------------------------------------------------------------------------- deciding
 
@@ -432,7 +439,7 @@ class Scheduler:
         run_seconds = None
         if chosen is not None:
             backend = next(b for b in inputs["backends"] if b["backend_id"] == chosen["backend_id"])
-            run_seconds = backend["prediction"]["estimated_seconds"]
+            run_seconds = chosen.get("estimated_seconds", backend["prediction"]["estimated_seconds"])
         # ledgered under the signer's tenant (the auditor checks the two agree); the row keeps the job's
         entry = LedgerEntry(type=DECISION_ENTRY_TYPE, sha256=digest, path=path, tenant=SYSTEM_TENANT, time=now)
 
@@ -542,7 +549,8 @@ def check_row(row: DecisionRow, document: Mapping[str, Any]) -> None:
     body = document["decision"]
     chosen = body.get("chosen") or {}
     backend = next((b for b in document["inputs"]["backends"] if b["backend_id"] == chosen.get("backend_id")), None)
-    run_seconds = backend["prediction"]["estimated_seconds"] if backend is not None else None
+    run_seconds = None if backend is None else chosen.get("estimated_seconds",
+                                                            backend["prediction"]["estimated_seconds"])
     signed = {"id": document["decision_id"], "job_id": document["job_id"],
               "tenant": document["inputs"]["job"]["tenant"], "chosen_backend": chosen.get("backend_id"),
               "calibration_snapshot_id": chosen.get("calibration_snapshot_id"), "em_method": chosen.get("em_method"),
@@ -559,10 +567,19 @@ def _same(stored: Any, signed: Any) -> bool:
     return bool(stored == signed)
 
 
-def prediction_record(p: Any) -> dict[str, Any]:
-    """The part of an EM policy prediction a decision depends on (features and alternatives are
-    derived data: replay recomputes them from the manifest and the snapshot)."""
-    return {f: getattr(p, f) for f in PREDICTION_FIELDS}
+OPTION_FIELDS = ("method", "params", "shot_multiplier", "expected_fidelity", "estimated_seconds")
+
+
+def prediction_record(p: Any, *, options: bool = False) -> dict[str, Any]:
+    """The part of an EM policy prediction a decision depends on (features are derived data:
+    replay recomputes them from the manifest and the snapshot). With ``options``, the methods the
+    engine may co-select: the policy's own first, then every alternative within the shot budget by
+    name (not by the policy's float ranking, which a different BLAS could reorder)."""
+    record = {f: getattr(p, f) for f in PREDICTION_FIELDS}
+    if options:
+        others = sorted((a for a in p.alternatives if a.within_budget), key=lambda a: a.method)
+        record["options"] = [{f: getattr(o, f) for f in OPTION_FIELDS} for o in (p, *others)]
+    return record
 
 
 def _request(qasm: str, job: Mapping[str, Any], snapshot_id: str) -> PredictRequest:

@@ -48,8 +48,8 @@ from fractions import Fraction
 from functools import cache, partial
 from typing import Any
 
-from scheduler.engine import CRYPTO_RANK, PRIORITY_CLASSES, decide, profile
-from scheduler.plugins import BUILTIN
+from scheduler.engine import CRYPTO_RANK, PRIORITY_CLASSES, Plugin, decide, profile
+from scheduler.plugins import BUILTIN, OPTIONAL
 from sdk.errors import QaiError
 
 POLICIES = ("v1", "random", "round-robin", "least-busy", "max-fidelity", "cheapest")
@@ -57,6 +57,20 @@ POLICIES = ("v1", "random", "round-robin", "least-busy", "max-fidelity", "cheape
 # random and round-robin are the crypto-blind load balancers: they show what the filter prevents.
 CRYPTO_FILTERING = frozenset({"v1", "least-busy", "max-fidelity", "cheapest"})
 MODEL_VERSION = "sim-analytic/1"
+
+
+def _value_plugins() -> tuple[Plugin, ...]:
+    value = next(p for p in OPTIONAL if p.name == "value-score")
+    return (*(p for p in BUILTIN if p.kind == "filter"), value,
+            *(p for p in BUILTIN if p.name == "qkd-preference"))
+
+
+# The tenant profiles v1 can run under (scheduler.service.tenant_profile): the default, SPEC-001's
+# ratio with the policy's EM method; and "value", the USD utility that co-selects the EM method.
+V1_PROFILES: dict[str, tuple[tuple[Plugin, ...], dict[str, Any]]] = {
+    "default": (BUILTIN, {}),
+    "value": (_value_plugins(), {"em_coselect": 1}),
+}
 QUEUE_VIEWS = ("provider", "catalog")
 # em_policy.service.REP_DELAY_SECONDS: the wait between shots on IBM-style devices. Restated, not
 # imported, so the simulator does not load the EM policy's model stack.
@@ -110,12 +124,15 @@ class SimConfig:
     queue_view: str = "provider"
     policies: tuple[str, ...] = POLICIES
     v1_config: Mapping[str, Any] = field(default_factory=dict)  # overrides of the engine's DEFAULT_CONFIG
+    v1_profile: str = "default"  # a key of V1_PROFILES: v1's plugins and their config before v1_config
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.policies if p not in POLICIES]
         if unknown or not self.policies:
             raise QaiError("scheduler.bad_simulation", f"unknown policies {unknown}; known: {list(POLICIES)}",
                            status=422)
+        if self.v1_profile not in V1_PROFILES:
+            raise QaiError("scheduler.bad_simulation", f"v1_profile must be one of {list(V1_PROFILES)}", status=422)
         if self.queue_view not in QUEUE_VIEWS:
             raise QaiError("scheduler.bad_simulation", f"queue_view must be one of {list(QUEUE_VIEWS)}", status=422)
         if self.jobs < 1 or self.arrival_rate <= 0 or self.max_qubits < 2:
@@ -425,13 +442,17 @@ def predict(job: SimJob, backend: SimBackend, drift: Drift, overhead: float) -> 
     if ZNE_METHOD in options and options[ZNE_METHOD] > options["unmitigated"] + TIE_TOLERANCE:
         method = ZNE_METHOD
     margin = abs(options.get(ZNE_METHOD, options["unmitigated"]) - options["unmitigated"])
-    return {
-        "method": method, "params": parse_method(method).parameters() if method == ZNE_METHOD else {},
-        "shot_multiplier": shot_multiplier(method), "expected_fidelity": round(options[method], 12),
-        "confidence": round(0.9 if len(options) == 1 else 0.5 + 0.4 * min(1.0, margin / 0.02), 12),
-        "model_version": MODEL_VERSION,
-        "estimated_seconds": round(run_seconds(backend, job.shape, job.shots, method, overhead), 9),
-    }
+
+    def option(m: str) -> dict[str, Any]:
+        return {"method": m, "params": parse_method(m).parameters() if m == ZNE_METHOD else {},
+                "shot_multiplier": shot_multiplier(m), "expected_fidelity": round(options[m], 12),
+                "estimated_seconds": round(run_seconds(backend, job.shape, job.shots, m, overhead), 9)}
+
+    # as scheduler.service records them: the policy's method first, then the others by name
+    return {**option(method),
+            "confidence": round(0.9 if len(options) == 1 else 0.5 + 0.4 * min(1.0, margin / 0.02), 12),
+            "model_version": MODEL_VERSION,
+            "options": [option(m) for m in (method, *sorted(m for m in options if m != method))]}
 
 
 def realised_fidelity(job: SimJob, backend: SimBackend, method: str, drift: Drift) -> float:
@@ -530,7 +551,8 @@ class _Run:
                          for b in world.backends}
         self.choice_rng = random.Random(f"{self.config.seed}|policy|{policy}")
         self.rr_next = 0
-        self.profile = profile(BUILTIN, self.config.v1_config)
+        self.plugins, base = V1_PROFILES[self.config.v1_profile]
+        self.profile = profile(self.plugins, {**base, **self.config.v1_config}, self.config.v1_profile)
 
     def push(self, t: float, kind: int, payload: Any) -> None:
         heapq.heappush(self.events, (t, kind, self.seq, payload))
@@ -732,10 +754,16 @@ def _pred(view: View, key: str) -> float:
 
 
 def _choose_v1(job: SimJob, views: Sequence[View], t: float, run: _Run) -> Choice:
-    body = decide(_engine_inputs(job, views, t, run), BUILTIN)
-    if body["chosen"] is not None:
-        bid = body["chosen"]["backend_id"]
-        return next(v for v in views if v.backend.backend_id == bid), False, ""
+    body = decide(_engine_inputs(job, views, t, run), run.plugins)
+    chosen = body["chosen"]
+    if chosen is not None:
+        view = next(v for v in views if v.backend.backend_id == chosen["backend_id"])
+        assert view.prediction is not None
+        if chosen["em_method"] == view.prediction["method"]:
+            return view, False, ""
+        # co-selected: the job runs with the method the engine chose, at its price and run time
+        option = next(o for o in view.prediction["options"] if o["method"] == chosen["em_method"])
+        return replace(view, prediction={**view.prediction, **option}), False, ""
     rejected_by = [{f["plugin"] for f in r["filters"] if f["verdict"] == "reject"}
                    for r in body["backends"] if not r["eligible"]]
     # Wait only if some backend was turned down for being offline and nothing else.
@@ -1011,19 +1039,41 @@ def scenarios(config: SimConfig) -> list[tuple[str, SimConfig]]:
         ("arrival rate × 4", replace(config, arrival_rate=config.arrival_rate * 4)),
         ("queue wait as scheduler.service records it (catalog mean + qai's backlog)",
          replace(config, queue_view="catalog" if config.queue_view == "provider" else "provider")),
-        ("v1 on the bare ratio (wait weights 0, availability penalty 1)",
-         replace(config, v1_config={**config.v1_config, **PURE_RATIO_CONFIG})),
-        *((f"v1 with fidelity_exponent {k}", replace(config, v1_config={**config.v1_config, "fidelity_exponent": k}))
-          for k in FIDELITY_EXPONENTS),
+        *(_ratio_scenarios(config) if config.v1_profile == "default" else _value_scenarios(config)),
+        *((f"v1 under the {name} profile", replace(config, v1_profile=name, v1_config={}))
+          for name in V1_PROFILES if name != config.v1_profile),
     ]
+
+
+def _ratio_scenarios(config: SimConfig) -> list[tuple[str, SimConfig]]:
+    return [("v1 on the bare ratio (wait weights 0, availability penalty 1)",
+             replace(config, v1_config={**config.v1_config, **PURE_RATIO_CONFIG})),
+            *((f"v1 with fidelity_exponent {k}",
+               replace(config, v1_config={**config.v1_config, "fidelity_exponent": k})) for k in FIDELITY_EXPONENTS)]
+
+
+# The value profile's own knob: what a unit of fidelity is worth against the USD it costs.
+FIDELITY_VALUES_USD = (50.0, 200.0)
+
+
+def _value_scenarios(config: SimConfig) -> list[tuple[str, SimConfig]]:
+    return [(f"v1 with fidelity_value_usd {v:g}", replace(config, v1_config={**config.v1_config,
+                                                                              "fidelity_value_usd": v}))
+            for v in FIDELITY_VALUES_USD]
 
 
 def planned_ticks(config: SimConfig, sensitivity: bool) -> int:
     """How often ``simulate`` calls ``progress``: once per job a policy decides on arrival."""
     runs = len(config.policies)
     if sensitivity:
-        runs += len(config.policies) * (len(scenarios(config)) - 1) + ("v1" in config.policies)
+        for _, variant in scenarios(config):
+            runs += ("v1" in config.policies) if _only_v1_differs(variant, config) else len(config.policies)
     return runs * config.jobs
+
+
+def _only_v1_differs(variant: SimConfig, config: SimConfig) -> bool:
+    """Only v1's profile or knobs differ: the same trace, so the other policies' figures stand."""
+    return replace(variant, v1_config=config.v1_config, v1_profile=config.v1_profile) == config
 
 
 def simulate(config: SimConfig, *, backends: Sequence[SimBackend] | None = None, sensitivity: bool = False,
@@ -1050,8 +1100,7 @@ def simulate(config: SimConfig, *, backends: Sequence[SimBackend] | None = None,
     if sensitivity:
         rows = []
         for name, variant in scenarios(config):
-            if replace(variant, v1_config=config.v1_config) == config:
-                # only v1's knobs differ: the same trace, so the other policies' figures stand
+            if _only_v1_differs(variant, config):
                 changed = run_policies(World(variant, backends), [p for p in config.policies if p == "v1"], progress)
                 metrics = {**by_policy, **changed}
             else:
@@ -1149,6 +1198,7 @@ def report_markdown(result: Mapping[str, Any], command: str) -> str:
         "calibrations (not the trained EM policy model). Every policy sees the same jobs, outages, other tenants'",
         "load and calibration drift; only the routing differs.",
         "",
+        *_profile_note(config),
         "## Targets",
         "",
         *_md_table(["target", "value", "met"],
@@ -1204,6 +1254,17 @@ def report_markdown(result: Mapping[str, Any], command: str) -> str:
              for r in result["sensitivity"]])
         lines.append("")
     return "\n".join(lines)
+
+
+def _profile_note(config: Mapping[str, Any]) -> list[str]:
+    name = config.get("v1_profile", "default")
+    if name == "default":
+        return ["v1 runs the default profile: SPEC-001's score, fidelity / cost × availability × crypto, times the",
+                "`wait` and `qkd-preference` terms, with the EM method the policy chose for each backend.", ""]
+    return [f"v1 runs the `{name}` profile (docs/scheduler.md#the-value-profile): the `value-score` plugin in place",
+            "of `v1-score` and `wait`, and `em_coselect`: the engine scores every EM method the policy predicts within",
+            "the job's shot budget on every backend and takes the best (backend, method) pair. The baselines keep",
+            "the policy's method.", ""]
 
 
 def _drops(by_policy: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -1331,11 +1392,15 @@ def _bound_section(result: Mapping[str, Any]) -> list[str]:
     if routing["outcome"] == "unreachable":
         meaning = "Not even every job on its best option reaches F*: no routing meets the fidelity target at all."
     elif _bound_rules_out(result):
-        meaning = (f"The bound is below `{name}`'s {figure:.4f}: no routing that keeps the mean fidelity within 3 % "
-                   "of max-fidelity's has the best fidelity per USD, so on this trace no routing meets both targets.")
+        meaning = (f"The bound is below `{name}`'s {figure:.4f}: no routing that runs each job with the EM policy's "
+                   "method and keeps the mean fidelity within 3 % of max-fidelity's has the best fidelity per USD, so "
+                   "on this trace no such routing meets both targets.")
         if free["outcome"] == "unbounded" or (free["outcome"] == "bounded" and free["fidelity_per_usd"] >= figure):
             meaning += (" Choosing the EM method for cost as well (unmitigated where ZNE triples the shots) is not "
                         "ruled out by the second bound; the EM policy chooses it for fidelity.")
+            if result["config"].get("v1_profile", "default") != "default":
+                meaning += (" v1 does choose it here (its profile co-selects the method), so the first bound does "
+                            "not apply to v1; the second does.")
     else:
         meaning = (f"The bound is not below `{name}`'s {figure:.4f}: it does not rule out a routing that meets both "
                    "targets on this trace.")

@@ -409,3 +409,48 @@ def test_a_tenant_policy_with_unknown_values_is_refused(svc: Services) -> None: 
         with pytest.raises(Exception) as caught:
             create_tenant(svc.db, "org-typo", crypto_policy=policy)
         assert getattr(caught.value, "code", None) == "tenant.bad_policy"
+
+
+def test_a_value_profile_co_selects_the_em_method_and_replays(ready: Services) -> None:
+    """A tenant on the value profile: every method the policy predicts within the budget is
+    recorded per backend, the decision takes the best (backend, method) pair by the profile's
+    utility, the index row carries the chosen method's run time, and the decision replays deeply."""
+    from scheduler.plugins import BUILTIN, OPTIONAL
+
+    services = ready
+    plugins = [*(p.name for p in BUILTIN if p.kind == "filter"), *(p.name for p in OPTIONAL), "qkd-preference"]
+    config = {"em_coselect": 1, "fidelity_value_usd": 100, "wait_cost_usd_per_second": 0.001}
+    create_tenant(services.db, "org-value", crypto_policy={"scheduler": {"name": "value", "plugins": plugins,
+                                                                         "config": config}})
+    services.kms.create_key("org-value.manifests", tenant="org-value", principal=Principal.system("test"))
+    job_id = _submit(services, tenant="org-value", shots=1000, shot_budget=100_000)
+    decision = scheduler(services).schedule(job_id, Principal.system("test"))
+    inputs, body = decision.document["inputs"], decision.document["decision"]
+    assert inputs["profile"]["name"] == "value" and inputs["profile"]["config"]["em_coselect"] == 1
+    predicted = [b for b in inputs["backends"] if b.get("prediction")]
+    assert predicted
+    for b in predicted:
+        options = b["prediction"]["options"]
+        assert options[0]["method"] == b["prediction"]["method"]  # the policy's own first, then by name
+        assert [o["method"] for o in options[1:]] == sorted(o["method"] for o in options[1:])
+    assert max(len(b["prediction"]["options"]) for b in predicted) > 1  # a real choice of methods
+    job, cfg = inputs["job"], inputs["profile"]["config"]
+
+    def utility(b: dict[str, Any], o: dict[str, Any]) -> float:
+        wait = cfg["wait_cost_usd_per_second"] * cfg["wait_weight"][job["priority_class"]] * (
+            b["queue_wait_seconds"] + o["estimated_seconds"])
+        return float(cfg["fidelity_value_usd"] * o["expected_fidelity"]
+                     - b["cost_per_shot"] * job["shots"] * o["shot_multiplier"] - wait)
+
+    eligible = {r["backend_id"] for r in body["backends"] if r["eligible"]}
+    best = max((utility(b, o), b["backend_id"], o["method"]) for b in predicted if b["backend_id"] in eligible
+               for o in b["prediction"]["options"])
+    chosen = body["chosen"]
+    assert (chosen["backend_id"], chosen["em_method"]) == best[1:]
+    option = next(o for b in predicted if b["backend_id"] == chosen["backend_id"]
+                  for o in b["prediction"]["options"] if o["method"] == chosen["em_method"])
+    assert chosen["estimated_seconds"] == option["estimated_seconds"]
+    assert scheduler(services).row(decision.decision_id).run_seconds == option["estimated_seconds"]
+    rep = replay(services, decision.decision_id)
+    assert rep.ok and rep.identical, [c for c in rep.checks if not c.ok]
+    assert any(c.name.startswith("prediction:") for c in rep.checks)  # the options re-derived by the model

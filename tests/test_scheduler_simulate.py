@@ -31,6 +31,7 @@ from scheduler.simulate import (
 )
 from sdk.canonical import canonical_json
 from sdk.cli import app as qai
+from sdk.errors import QaiError
 
 CONFIG = SimConfig(jobs=150, seed=11)
 
@@ -142,6 +143,36 @@ def test_v1_decides_through_the_real_engine(backends: list[SimBackend], monkeypa
     assert all(b["chosen"]["model_version"] == sim.MODEL_VERSION for b in calls if b["chosen"] is not None)
 
 
+def test_v1_under_the_value_profile_runs_the_method_the_engine_co_selected(
+        backends: list[SimBackend], monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict[str, Any]] = []
+    real = engine.decide
+
+    def spy(inputs: dict[str, Any], plugins: Any) -> dict[str, Any]:
+        body = real(inputs, plugins)
+        if body["chosen"] is not None:
+            b = next(b for b in inputs["backends"] if b["backend_id"] == body["chosen"]["backend_id"])
+            calls.append({**body["chosen"], "policy_method": b["prediction"]["method"],
+                          "profile": inputs["profile"]["name"]})
+        return body
+
+    monkeypatch.setattr(sim, "decide", spy)
+    config = replace(CONFIG, v1_profile="value")
+    outcomes = sorted((o for o in _outcomes(backends, "v1", config) if o.backend_id is not None),
+                      key=lambda o: (o.queued_at or 0.0, o.job.index))
+    assert {c["profile"] for c in calls} == {"value"}
+    assert [(c["backend_id"], c["em_method"]) for c in calls] == [(o.backend_id, o.method) for o in outcomes]
+    by_method = {m: sim.shot_multiplier(m) for m in {c["em_method"] for c in calls}}
+    for c, o in zip(calls, outcomes, strict=True):  # priced and timed as the chosen method, not the policy's
+        spec = next(b for b in backends if b.backend_id == o.backend_id)
+        assert o.cost == pytest.approx(spec.cost_per_shot * o.job.shots * by_method[c["em_method"]])
+        assert c["expected_fidelity"] == o.predicted_fidelity
+    assert any(c["em_method"] != c["policy_method"] for c in calls)  # it does co-select
+    with pytest.raises(QaiError) as err:
+        SimConfig(v1_profile="nope")
+    assert err.value.code == "scheduler.bad_simulation"
+
+
 def test_priority_classes_order_each_backend_queue(backends: list[SimBackend]) -> None:
     """No job starts while a job of a more urgent class waits in the same backend's queue."""
     config = replace(CONFIG, arrival_rate=0.2, jobs=200)  # busy enough for queues to form
@@ -204,7 +235,7 @@ def test_cli_writes_the_report_and_json(tmp_path: Path) -> None:
     assert data["report"] == str(report) and set(data["policies"]) == set(POLICIES)
     text = report.read_text()
     assert (f"qai scheduler simulate --jobs 60 --seed 5 --arrival-rate 0.03 --peak --max-qubits 32 --foreign-load "
-            f"--queue-view provider --no-sensitivity --report {report}") in text
+            f"--queue-view provider --profile default --no-sensitivity --report {report}") in text
     bad = CliRunner().invoke(qai, ["scheduler", "simulate", "--jobs", "10", "--queue-view", "psychic", "--no-report",
                                              "--json"])
     assert bad.exit_code == 2 and json.loads(bad.stdout)["error"]["code"] == "scheduler.bad_simulation"

@@ -157,3 +157,15 @@ def test_the_report_states_the_bound(tiny_run: dict[str, Any]) -> None:
     assert f"**{math.ceil(bound * 10_000) / 10_000:.4f}**" in section
     assert f"F* = {tiny_run['oracle_bound']['routing']['fidelity_target']:.2f}" in section
     assert "arrival" in section and "upper bound" in section
+
+
+def test_a_co_selecting_v1_is_bounded_by_the_free_method_bound() -> None:
+    """v1 on the value profile chooses the EM method too: the routing-only bound does not cover it,
+    the routing-and-method bound must."""
+    run = simulate(SimConfig(jobs=60, seed=5, v1_profile="value"), backends=load_backends())
+    free = run["oracle_bound"]["routing_and_em_method"]
+    assert free["outcome"] == "bounded"
+    qualifying = _meets_fidelity_target(run["policies"])
+    assert "v1" in qualifying  # the value profile keeps within 3 % of max-fidelity here
+    for p in qualifying:
+        assert free["fidelity_per_usd"] >= run["policies"][p]["fidelity_per_usd"], p
