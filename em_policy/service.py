@@ -256,7 +256,8 @@ class PolicyService:
         decisions = model.decide(rows, ratios, notes, outside) if rows else []
         params: dict[str, dict[str, Any]] = {}
 
-        def params_of(method: str) -> dict[str, Any]:  # one parse per method, not per backend
+        def params_of(method: str) -> dict[str, Any]:  # one parse per method, not per backend; the
+            # copies share nested values (lists of scale factors), which nothing mutates
             if method not in params:
                 params[method] = method_params(method, model, version)
             return dict(params[method])

@@ -63,7 +63,9 @@ def run_uploader(settings: Settings, stop: threading.Event, *, parent: int | Non
         try:
             while not stop.wait(PARENT_POLL_SECONDS):
                 if parent is not None and os.getppid() != parent:
-                    log.warning("the uploader's parent %d is gone; stopping", parent)
+                    # uvicorn re-raises the SIGTERM it handled once its server is down, so a stopped
+                    # qai serve often ends before it can stop us: not an error
+                    log.info("qai serve (pid %d) is gone; the uploader stops too", parent)
                     return
         finally:
             uploader.close()  # finishes the batch in hand: its uploads are write-once, so a cut is safe too

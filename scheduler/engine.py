@@ -175,8 +175,9 @@ def decide(inputs: Mapping[str, Any], plugins: Sequence[Plugin], *, inputs_canon
                 if coselect:
                     candidate["em_method"] = view["prediction"]["method"]
             # the first option (the policy's own method) stands for a backend no option fits, and
-            # wins ties: another method must score strictly higher to be chosen instead
-            if not row or (eligible and (not row["eligible"] or candidate["score"] > row["score"])):
+            # wins ties: another method must score higher by more than the tie tolerance
+            if not row or (eligible and (not row["eligible"] or candidate["score"] - row["score"]
+                                         > config["tie_tolerance"] * row["score"])):
                 row = candidate
                 judged[backend["backend_id"]] = view
         rows.append(row)
@@ -211,8 +212,11 @@ def decide(inputs: Mapping[str, Any], plugins: Sequence[Plugin], *, inputs_canon
                 "expected_fidelity": prediction["expected_fidelity"],
                 "model_version": prediction["model_version"], "score": chosen["score"],
                 "tie_broken_by_seed": len(tied) > 1,
-                # co-selected: the method may not be the policy's, so its run time is recorded too
-                **({"estimated_seconds": prediction["estimated_seconds"]} if coselect else {})},
+                # co-selected: the method may not be the policy's, so its run time is recorded too,
+                # and the policy's own pick (whose confidence the decision's confidence is)
+                **({"estimated_seconds": prediction["estimated_seconds"],
+                    "policy_em_method": inputs_backend(inputs, chosen_id)["prediction"]["method"]}
+                   if coselect else {})},
         confidence=round(confidence, 12),
         rationale=(f"{chosen_id} scores highest of {len(eligible_rows)} eligible backends "
                    f"({len(rows) - len(eligible_rows)} filtered): expected post-EM fidelity "
@@ -221,6 +225,10 @@ def decide(inputs: Mapping[str, Any], plugins: Sequence[Plugin], *, inputs_canon
                    f"{runner_up / best:.3f} of its score"),
     )
     return body
+
+
+def inputs_backend(inputs: Mapping[str, Any], backend_id: str) -> Mapping[str, Any]:
+    return next(b for b in inputs["backends"] if b["backend_id"] == backend_id)
 
 
 def coselects(config: Mapping[str, Any]) -> bool:

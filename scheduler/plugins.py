@@ -8,7 +8,6 @@ snapshot id, its status, its expected queue wait and the EM policy's prediction 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from importlib.metadata import entry_points
 from typing import Any
@@ -129,26 +128,25 @@ def v1_score(job: J, backend: J, policy: J, config: J) -> dict[str, float]:
             "availability_factor": availability, "crypto_factor": compatible}
 
 
-MIN_VALUE_FACTOR = 1e-300  # exp() of a very negative utility rounds to 0, which would read as "does not fit"
-
-
 def value_score(job: J, backend: J, policy: J, config: J) -> dict[str, float]:
     """A utility in USD instead of v1's ratio: ``fidelity_value_usd`` x expected post-EM fidelity,
     minus the effective cost, minus ``wait_cost_usd_per_second`` x the class's ``wait_weight`` x
     (queue wait + run time). The engine multiplies factors, so the utility enters as
-    exp((utility - value) / value), which ranks as the utility does; availability and crypto
-    compatibility are the same factors as v1's. Replaces ``v1-score`` and ``wait`` in a profile
-    (it prices waiting itself); with ``em_coselect`` it also picks the EM method."""
+    value / (2 x value - utility): in (0, 1] since utility <= value (fidelity <= 1), increasing
+    with the utility, and unlike an exponential it never rounds two utilities far apart to the
+    same 0. Availability and crypto compatibility are the same factors as v1's. Replaces
+    ``v1-score`` and ``wait`` in a profile (it prices waiting itself); with ``em_coselect`` it
+    also picks the EM method."""
     p = backend["prediction"]
     cost = float(backend["cost_per_shot"]) * job["shots"] * float(p["shot_multiplier"])
     value = float(config["fidelity_value_usd"])
     waiting = float(config["wait_cost_usd_per_second"]) * float(config["wait_weight"][job["priority_class"]]) \
         * _completion_seconds(backend)
-    utility = value * float(p["expected_fidelity"]) - cost - waiting
-    factor = math.exp((utility - value) / value) if value > 0 else (1.0 if utility >= 0 else 0.0)
+    utility = value * min(1.0, float(p["expected_fidelity"])) - cost - waiting
     available = backend["availability"] >= config["availability_threshold"]
     compatible = 1.0 if crypto_mode(job, backend, policy, config) is None else 0.0
-    return {"utility_usd": utility, "value_factor": max(factor, MIN_VALUE_FACTOR),
+    # value > 0: tenant profiles are checked (scheduler.service.check_config)
+    return {"utility_usd": utility, "value_factor": value / (2.0 * value - utility),
             "availability_factor": 1.0 if available else float(config["availability_penalty"]),
             "crypto_factor": compatible}
 

@@ -201,6 +201,12 @@ def check_config(key: str, value: Any) -> None:
     if not ok:
         raise QaiError("scheduler.bad_profile", f"scheduler config {key!r} must be shaped like {default!r}",
                        status=422, details={"key": key})
+    if key == "em_coselect" and value not in (0, 1):
+        raise QaiError("scheduler.bad_profile", "scheduler config 'em_coselect' is 0 or 1", status=422,
+                       details={"key": key})
+    if key == "fidelity_value_usd" and value <= 0:
+        raise QaiError("scheduler.bad_profile", "scheduler config 'fidelity_value_usd' must be above 0",
+                       status=422, details={"key": key})
 
 
 def _number(value: Any) -> bool:

@@ -448,7 +448,8 @@ def predict(job: SimJob, backend: SimBackend, drift: Drift, overhead: float) -> 
                 "shot_multiplier": shot_multiplier(m), "expected_fidelity": round(options[m], 12),
                 "estimated_seconds": round(run_seconds(backend, job.shape, job.shots, m, overhead), 9)}
 
-    # as scheduler.service records them: the policy's method first, then the others by name
+    # shaped as scheduler.service records them under em_coselect (the policy's method first, then the
+    # others by name); a profile without em_coselect never reads them
     return {**option(method),
             "confidence": round(0.9 if len(options) == 1 else 0.5 + 0.4 * min(1.0, margin / 0.02), 12),
             "model_version": MODEL_VERSION,

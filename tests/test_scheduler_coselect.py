@@ -55,6 +55,7 @@ def test_the_value_profile_picks_the_method_worth_its_price() -> None:
     assert chosen["expected_fidelity"] == 0.88 and chosen["estimated_seconds"] == 10.0
     row = dear["backends"][0]
     assert row["em_method"] == "unmitigated" and "unmitigated" in dear["rationale"]
+    assert chosen["policy_em_method"] == "zne-linear"  # whose confidence the decision carries
     assert row["terms"]["utility_usd"] == pytest.approx(100 * 0.88 - 4.0 - 0.001 * (60 + 10))
     # the same inputs without em_coselect: the policy's method, whatever it costs
     plain = decide({**_inputs([_with_options("a", ZNE, RAW, cost_per_shot=0.001)]),
@@ -79,6 +80,10 @@ def test_the_policys_method_wins_a_tie() -> None:
     twin = {**ZNE, "method": "zne-richardson"}  # the same figures under another name
     body = decide(_value([_with_options("a", ZNE, twin)]), VALUE_PLUGINS)
     assert body["chosen"]["em_method"] == "zne-linear"
+    nearly = {**twin, "expected_fidelity": ZNE["expected_fidelity"] + 1e-15}  # within the tie tolerance
+    assert decide(_value([_with_options("a", ZNE, nearly)]), VALUE_PLUGINS)["chosen"]["em_method"] == "zne-linear"
+    better = {**twin, "expected_fidelity": ZNE["expected_fidelity"] + 1e-6}
+    assert decide(_value([_with_options("a", ZNE, better)]), VALUE_PLUGINS)["chosen"]["em_method"] == "zne-richardson"
 
 
 def test_the_best_pair_over_backends_and_methods_is_chosen() -> None:
@@ -167,6 +172,17 @@ def test_a_tenant_profile_names_value_score_or_v1_score_not_both() -> None:
         with pytest.raises(QaiError) as err:
             tenant_profile({"scheduler": {"plugins": [*names, extra]}})
         assert err.value.code == "scheduler.bad_profile"
-    with pytest.raises(QaiError) as err:
-        tenant_profile({"scheduler": {"config": {"em_coselect": True}}})  # a number, like every knob
-    assert err.value.code == "scheduler.bad_profile"
+    for bad in ({"em_coselect": True}, {"em_coselect": 2}, {"fidelity_value_usd": 0}):
+        with pytest.raises(QaiError) as err:
+            tenant_profile({"scheduler": {"config": bad}})
+        assert err.value.code == "scheduler.bad_profile", bad
+
+
+def test_utilities_far_apart_never_tie() -> None:
+    # costs of hundreds of thousands of USD: an exponential factor would round both to 0 (a tie the
+    # seed would break); the value factor keeps them apart
+    backends = [_with_options("dear", RAW, cost_per_shot=200.0), _with_options("dearer", RAW, cost_per_shot=100.0)]
+    for seed in range(10):
+        body = decide(_value(backends, seed=seed), VALUE_PLUGINS)
+        assert body["chosen"]["backend_id"] == "dearer" and body["chosen"]["tie_broken_by_seed"] is False
+        assert body["chosen"]["policy_em_method"] == "unmitigated"
