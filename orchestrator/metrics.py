@@ -137,6 +137,8 @@ class StateCollector(Collector):
                                labels=["backend_id"])
         depth = GaugeMetricFamily("qai_dispatch_queue_depth", "Jobs queued for a worker (decided, not yet running), "
                                   "per priority class", labels=["priority_class"])
+        outbox = GaugeMetricFamily("qai_outbox_pending_envelopes",
+                                   "Signed envelopes in the database outbox, not yet in the object store")
         if svc is not None:
             if svc.hsm is not None:  # a process that signs through the KMS API has no pool
                 pool_size.add_metric([], float(svc.hsm.config.pool_size))
@@ -148,7 +150,17 @@ class StateCollector(Collector):
                 up.add_metric([backend_id], 1.0 if online else 0.0)
             for priority_class, jobs in _queue_depth(svc):
                 depth.add_metric([priority_class], jobs)
-        yield from (pool_size, in_use, age, backlog, up, depth)
+            outbox.add_metric([], _outbox_pending(svc))
+        yield from (pool_size, in_use, age, backlog, up, depth, outbox)
+
+
+def _outbox_pending(svc: Services) -> float:
+    """What the uploader (a process of its own under qai serve) has yet to move: indexed by uploaded_at."""
+    try:
+        return float(svc.uploader.pending())
+    except Exception:
+        log.warning("reading the outbox for the metrics failed", exc_info=True)
+        return float("nan")
 
 
 def _checkpoint_age(svc: Services) -> float:

@@ -105,6 +105,7 @@ def test_alerts_of_the_spec_are_present() -> None:
         "QaiLedgerCheckpointStale": "qai_ledger_checkpoint_age_seconds",
         "QaiBackendOffline": "qai_backend_up",
         "QaiQueueBacklog": "qai_dispatch_queue_depth",
+        "QaiOutboxBacklog": "qai_outbox_pending_envelopes",
         "QaiReplayFailure": "qai_scheduler_replay_failures_total",
         "QaiCryptoViolation": "qai_scheduler_crypto_violations_total",
         "QaiNightlyStepFailed": "qai_nightly_step_ok",

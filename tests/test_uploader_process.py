@@ -86,6 +86,25 @@ def test_qai_uploader_drains_the_outbox(svc: Services) -> None:
         assert job["uploaded"] is True
 
 
+def test_the_outbox_backlog_is_a_gauge(svc: Services) -> None:
+    from prometheus_client import REGISTRY, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from orchestrator.metrics import bind
+
+    def scraped() -> float:
+        families = {f.name: f for f in text_string_to_metric_families(generate_latest(REGISTRY).decode())}
+        return float(families["qai_outbox_pending_envelopes"].samples[0].value)
+
+    svc.uploader.close()
+    bind(svc)
+    base = scraped()
+    _submit(svc, 3)
+    assert scraped() == base + 3 == _pending(svc)
+    svc.uploader.drain()
+    assert scraped() == 0
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for entry in Path("/proc").iterdir():
