@@ -20,8 +20,12 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from orchestrator.settings import Settings
+
+if TYPE_CHECKING:
+    from orchestrator.jobs import Uploader
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +49,29 @@ def serve_starts_uploader(settings: Settings, component: str) -> bool:
     return settings.uploader == "process" and component in ("all", "jobs")
 
 
-def run_uploader(settings: Settings, stop: threading.Event, *, parent: int | None = None) -> None:
-    """Upload until ``stop`` is set or, with ``parent``, until that process is gone (a SIGKILLed
-    ``qai serve`` runs no ``finally``: its child notices that it was re-parented)."""
+@contextmanager
+def _standalone_uploader(settings: Settings) -> Iterator[Uploader]:
+    """An uploader on its own database connection (migrated: a no-op under qai serve, which
+    migrated first), the connection disposed of afterwards."""
     from orchestrator import migrate
     from orchestrator.db import Database
     from orchestrator.jobs import Uploader
     from orchestrator.objects import make_object_store
 
-    if settings.uploader_nice:
-        os.nice(settings.uploader_nice)
     db = Database(settings.resolved_database_url)
     try:
-        migrate.upgrade(db)  # a no-op under qai serve, which migrated first
-        uploader = Uploader(db, make_object_store(settings))
+        migrate.upgrade(db)
+        yield Uploader(db, make_object_store(settings))
+    finally:
+        db.dispose()
+
+
+def run_uploader(settings: Settings, stop: threading.Event, *, parent: int | None = None) -> None:
+    """Upload until ``stop`` is set or, with ``parent``, until that process is gone (a SIGKILLed
+    ``qai serve`` runs no ``finally``: its child notices that it was re-parented)."""
+    if settings.uploader_nice:
+        os.nice(settings.uploader_nice)
+    with _standalone_uploader(settings) as uploader:
         uploader.start()
         try:
             while not stop.wait(PARENT_POLL_SECONDS):
@@ -69,26 +82,14 @@ def run_uploader(settings: Settings, stop: threading.Event, *, parent: int | Non
                     return
         finally:
             uploader.close()  # finishes the batch in hand: its uploads are write-once, so a cut is safe too
-    finally:
-        db.dispose()
 
 
 def drain_outbox(settings: Settings, timeout: float) -> int:
     """Upload everything in the outbox now; returns how many envelopes were pending."""
-    from orchestrator import migrate
-    from orchestrator.db import Database
-    from orchestrator.jobs import Uploader
-    from orchestrator.objects import make_object_store
-
-    db = Database(settings.resolved_database_url)
-    try:
-        migrate.upgrade(db)
-        uploader = Uploader(db, make_object_store(settings))
+    with _standalone_uploader(settings) as uploader:
         pending = uploader.pending()
         uploader.drain(timeout)
         return pending
-    finally:
-        db.dispose()
 
 
 @dataclass

@@ -41,6 +41,7 @@ from scheduler.engine import (
     Plugin,
     coselects,
     decide,
+    inputs_backend,
     prefilter,
     profile,
     rejections,
@@ -378,7 +379,7 @@ class Scheduler:
         inputs = json.loads(inputs_canonical)
         body = decide(inputs, plugins, inputs_canonical=inputs_canonical)
         if body["chosen"] is not None:
-            chosen_record = next(b for b in inputs["backends"] if b["backend_id"] == body["chosen"]["backend_id"])
+            chosen_record = inputs_backend(inputs, body["chosen"]["backend_id"])
             found = crypto_violations(inputs["job"], chosen_record, policy)
             if found:  # the decision stands as recorded (it replays); the counter and the log raise the alarm
                 metrics.SCHEDULER_CRYPTO_VIOLATIONS.labels("schedule").inc()
@@ -442,10 +443,7 @@ class Scheduler:
         path = decision_path(digest)
         self.svc.objects.put(path, data)
         chosen = body["chosen"]
-        run_seconds = None
-        if chosen is not None:
-            backend = next(b for b in inputs["backends"] if b["backend_id"] == chosen["backend_id"])
-            run_seconds = chosen.get("estimated_seconds", backend["prediction"]["estimated_seconds"])
+        run_seconds = chosen_run_seconds(inputs, body)
         # ledgered under the signer's tenant (the auditor checks the two agree); the row keeps the job's
         entry = LedgerEntry(type=DECISION_ENTRY_TYPE, sha256=digest, path=path, tenant=SYSTEM_TENANT, time=now)
 
@@ -554,9 +552,7 @@ def check_row(row: DecisionRow, document: Mapping[str, Any]) -> None:
     document, or with edited summary columns (which steer the backlog and dispatch), is refused."""
     body = document["decision"]
     chosen = body.get("chosen") or {}
-    backend = next((b for b in document["inputs"]["backends"] if b["backend_id"] == chosen.get("backend_id")), None)
-    run_seconds = None if backend is None else chosen.get("estimated_seconds",
-                                                            backend["prediction"]["estimated_seconds"])
+    run_seconds = chosen_run_seconds(document["inputs"], body)
     signed = {"id": document["decision_id"], "job_id": document["job_id"],
               "tenant": document["inputs"]["job"]["tenant"], "chosen_backend": chosen.get("backend_id"),
               "calibration_snapshot_id": chosen.get("calibration_snapshot_id"), "em_method": chosen.get("em_method"),
@@ -565,6 +561,22 @@ def check_row(row: DecisionRow, document: Mapping[str, Any]) -> None:
     if wrong:
         raise QaiError("scheduler.decision_tampered", f"decision {row.id}: the index disagrees with the signed "
                        f"document on {', '.join(wrong)}", status=409, details={"decision_id": row.id, "fields": wrong})
+
+
+def chosen_run_seconds(inputs: Mapping[str, Any], body: Mapping[str, Any]) -> float | None:
+    """The chosen method's expected run time: recorded in the chosen block when the method was
+    co-selected, else the policy's prediction for the chosen backend; None when nothing was chosen.
+    The index row stores it and ``check_row`` compares it, so both derive it here."""
+    chosen = body.get("chosen")
+    if chosen is None:
+        return None
+    if "estimated_seconds" in chosen:
+        return float(chosen["estimated_seconds"])
+    backend = next((b for b in inputs["backends"] if b["backend_id"] == chosen.get("backend_id")), None)
+    if backend is None:  # a document whose choice is not among its inputs: the row check reports it
+        return None
+    seconds = backend["prediction"]["estimated_seconds"]
+    return None if seconds is None else float(seconds)
 
 
 def _same(stored: Any, signed: Any) -> bool:
