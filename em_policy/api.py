@@ -3,30 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
 from em_policy.service import PolicyService, Prediction, PredictRequest
-from orchestrator.auth import Principal
-from orchestrator.http import PrincipalDep, ServicesDep, principal
+from orchestrator.http import PrincipalDep, ServicesDep
 from orchestrator.services import Services
 from sdk.errors import QaiError
 
 MAX_BATCH = 1000
 
 router = APIRouter(prefix="/v1", tags=["em-policy"])
-
-
-async def caller(request: Request) -> Principal:
-    """The bearer token's principal, checked on the event loop: a cached token costs microseconds,
-    and a thread hop per prediction would cost more than the prediction."""
-    return principal(request)
-
-
-CallerDep = Annotated[Principal, Depends(caller)]
 
 
 class BatchRequest(BaseModel):
@@ -53,7 +43,7 @@ def policy_service(svc: Services) -> PolicyService:
 @router.post("/predict", response_model=Prediction,
              summary="Recommend an error-mitigation method: parameters, shot overhead, expected fidelity, confidence",
              responses={503: {"description": "no model is promoted yet (code em_policy.model_unavailable)"}})
-async def predict(body: PredictRequest, svc: ServicesDep, who: CallerDep) -> Response:
+async def predict(body: PredictRequest, svc: ServicesDep, who: PrincipalDep) -> Response:
     # A prediction is about a millisecond of CPU once the model, snapshot and circuit are cached:
     # it runs on the event loop (no thread hop) and its JSON is written once (no re-validation).
     service = policy_service(svc)

@@ -136,7 +136,7 @@ def create_app(services: Services | None = None, components: Sequence[str] = COM
         bind(app.state.services)
         if "ledger" in components:
             app.state.services.ledger.start()
-        if "jobs" in components and runs_uploader_thread(app.state.services.settings):
+        if {"jobs", "scheduler"} & set(components) and runs_uploader_thread(app.state.services.settings):
             app.state.services.uploader.start()
         if "em-policy" in components or "scheduler" in components:
             from em_policy.api import warm_up

@@ -209,18 +209,32 @@ def authenticate(
     read the token table on every request; a revocation made by another process then takes
     effect within ``cache_seconds`` (one made by this process, at once). Expiry is always exact.
     """
-    if cache_seconds > 0 and authorization:
-        # keyed by database too: one process may serve several (tests do)
-        key = hashlib.sha256(f"{db.url}|{db.schema}|{authorization}".encode()).hexdigest()
-        with _verified_lock:
-            hit = _verified.get(key)
-        if hit is not None and hit[0] > time.monotonic() and (hit[1] is None or hit[1] > utcnow()):
-            return hit[2]
+    if cache_seconds > 0:
+        hit = remembered(db, authorization)
+        if hit is not None:
+            return hit
     principal, expires = _authenticate(db, authorization, bootstrap)
     if cache_seconds > 0 and authorization:
         with _verified_lock:
-            _verified[key] = (time.monotonic() + cache_seconds, expires, principal)
+            _verified[_cache_key(db, authorization)] = (time.monotonic() + cache_seconds, expires, principal)
     return principal
+
+
+def _cache_key(db: Database, authorization: str) -> str:
+    # keyed by database too: one process may serve several (tests do)
+    return hashlib.sha256(f"{db.url}|{db.schema}|{authorization}".encode()).hexdigest()
+
+
+def remembered(db: Database, authorization: str | None) -> Principal | None:
+    """The principal of a token verified within the cache time and not expired, else None. Reads
+    no database, so the HTTP layer calls it on the event loop and goes to a thread only on a miss."""
+    if not authorization:
+        return None
+    with _verified_lock:
+        hit = _verified.get(_cache_key(db, authorization))
+    if hit is not None and hit[0] > time.monotonic() and (hit[1] is None or hit[1] > utcnow()):
+        return hit[2]
+    return None
 
 
 def _authenticate(db: Database, authorization: str | None,

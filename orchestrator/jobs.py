@@ -7,9 +7,9 @@ outbox) and the ledger entry in **one transaction**, so a rejected or failed sub
 nothing behind. Resubmitting the same envelope returns the stored record; the same ``job_id`` with
 other content is ``job.conflict``.
 
-The object store is off the hot path: the :class:`Uploader` moves envelope bytes from the outbox
-to the store (content-addressed, write-once), verifies them by hash, and only then drops the DB
-copy. Until then readers are served from the outbox.
+The object store is off the hot path: the outbox uploader (:mod:`orchestrator.outbox`) moves
+envelope bytes to the store (content-addressed, write-once), verifies them by hash, and only then
+drops the DB copy. Until then readers are served from the outbox.
 """
 
 from __future__ import annotations
@@ -17,19 +17,18 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import LargeBinary, String, Table, Text, bindparam, func, select, update
+from sqlalchemy import LargeBinary, String, Table, Text, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.types import BigInteger, Integer
 
 from orchestrator import metrics
 from orchestrator.auth import Principal, Role, get_tenant
-from orchestrator.db import BackgroundLoop, Base, Database, UTCDateTime, insert_rows, utcnow
+from orchestrator.db import Base, Database, UTCDateTime, insert_rows, utcnow
 from orchestrator.ledger import Ledger, LedgerWrite
 from orchestrator.objects import ObjectStore
 from sdk.dsse import Envelope, envelope_bytes
@@ -164,7 +163,6 @@ class Jobs:
         self.ledger = ledger
         self.objects = objects
         self.public_key = kms_public_key  # name -> KeyDocument (the KMS, in-process)
-        ledger.object_fallbacks.append(self._outbox_bytes)
 
     def submit(self, body: bytes, principal: Principal) -> Submitted:
         """Submit one envelope (JSON or YAML bytes); raises the :class:`QaiError` that rejects it."""
@@ -381,68 +379,3 @@ class Jobs:
                 "s3_path": row.s3_path, "uploaded": row.uploaded_at is not None, "ledger_index": row.ledger_index,
                 "created_at": row.created_at, "submitted_at": row.submitted_at}
 
-    def _outbox_bytes(self, path: str) -> bytes | None:
-        if not path.startswith("manifests/"):
-            return None
-        with self.db.read() as s:
-            return s.scalar(select(ManifestRow.envelope).where(ManifestRow.s3_path == path).limit(1))
-
-
-class Uploader:
-    """Moves envelope bytes from the DB outbox to the object store, verified by hash, with retries."""
-
-    def __init__(self, db: Database, objects: ObjectStore, *, interval: float = 0.5, batch: int = 200) -> None:
-        self.db, self.objects, self.batch = db, objects, batch
-        self._loop = BackgroundLoop("outbox-uploader", self.run_once, interval)
-
-    def run_once(self) -> int:
-        """Upload one batch; returns how many objects were moved. Every worker of ``qai serve``
-        runs an uploader, but one at a time uploads: the others would only repeat its writes."""
-        with self.db.try_lock("outbox-uploader") as mine:
-            return self._upload_batch() if mine else 0
-
-    def _upload_batch(self) -> int:
-        with self.db.read() as s:
-            pending = s.execute(select(ManifestRow.job_id, ManifestRow.s3_path, ManifestRow.envelope_sha256,
-                                       ManifestRow.envelope)
-                                .where(ManifestRow.uploaded_at.is_(None), ManifestRow.envelope.is_not(None))
-                                .limit(self.batch)).all()
-        stored = self.objects.put_many([(p.s3_path, p.envelope) for p in pending])  # write-once: retries are safe
-        moved: list[dict[str, Any]] = []
-        for p, error in zip(pending, stored, strict=True):
-            try:
-                if error is not None:
-                    raise error
-                if sha256_hex(self.objects.get(p.s3_path)) != p.envelope_sha256:
-                    raise QaiError("object.corrupt", f"stored {p.s3_path} does not hash to {p.envelope_sha256}",
-                                   status=500)
-            except QaiError as exc:
-                log.warning("outbox upload of %s failed (%s); will retry", p.s3_path, exc.code)
-                continue
-            moved.append({"jid": p.job_id})
-        if moved:  # one statement for the batch: the uploader must stay cheap next to ingest
-            with self.db.write() as s:
-                s.connection().execute(
-                    update(MANIFESTS).where(MANIFESTS.c.job_id == bindparam("jid"), MANIFESTS.c.uploaded_at.is_(None))
-                    .values(uploaded_at=utcnow(), envelope=None), moved)
-        return len(moved)
-
-    def pending(self) -> int:
-        with self.db.read() as s:
-            return int(s.scalar(select(func.count()).select_from(ManifestRow).where(
-                ManifestRow.uploaded_at.is_(None), ManifestRow.envelope.is_not(None))) or 0)
-
-    def drain(self, timeout: float = 120.0) -> None:
-        """Upload until the outbox is empty, waiting for another uploader that holds the lock."""
-        deadline = time.monotonic() + timeout
-        while self.pending():
-            if not self.run_once():
-                if time.monotonic() > deadline:
-                    raise QaiError("outbox.stuck", f"{self.pending()} envelopes could not be uploaded", status=503)
-                time.sleep(0.05)
-
-    def start(self) -> None:
-        self._loop.start()
-
-    def close(self) -> None:
-        self._loop.close()

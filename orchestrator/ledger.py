@@ -34,6 +34,7 @@ from orchestrator import metrics
 from orchestrator.auth import Principal, ensure_tenant
 from orchestrator.db import BackgroundLoop, Base, Database, GroupCommit, UTCDateTime, insert_rows, utcnow
 from orchestrator.objects import ObjectStore
+from orchestrator.outbox import outbox_bytes
 from sdk import merkle
 from sdk.checkpoint import Checkpoint, SignedCheckpoint, format_note, sign_lines
 from sdk.errors import QaiError
@@ -218,8 +219,6 @@ class Ledger:
         self._timer = BackgroundLoop("ledger-checkpointer", self._checkpoint_tick, self.config.checkpoint_interval,
                                      wait_first=True)
         self._key: KeyDocument | None = None
-        # path -> bytes for objects not in the store yet (the job outbox); consulted on a miss
-        self.object_fallbacks: list[Callable[[str], bytes | None]] = []
 
     # --- appending ------------------------------------------------------------------------------
 
@@ -325,17 +324,16 @@ class Ledger:
     # --- reading --------------------------------------------------------------------------------
 
     def object_bytes(self, path: str) -> bytes:
-        """An entry's object: from the store, or from an outbox that has not uploaded it yet."""
+        """An entry's object: from the store, or from the outbox that has not uploaded it yet."""
         try:
             return self.objects.get(path)
         except QaiError as exc:
             if exc.code != "object.not_found":
                 raise
-            for fallback in self.object_fallbacks:
-                data = fallback(path)
-                if data is not None:
-                    return data
-            raise
+        data = outbox_bytes(self.db, path)
+        # None: not in the outbox either, or uploaded since the miss above (the uploader clears its
+        # copy only once the store has the object): a second look settles which.
+        return self.objects.get(path) if data is None else data
 
     def size(self) -> int:
         with self.db.read() as s:

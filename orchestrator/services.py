@@ -14,9 +14,10 @@ from kms.remote import KeyService, RemoteKMS
 from kms.service import KMS, KmsConfig
 from orchestrator import migrate
 from orchestrator.db import Database
-from orchestrator.jobs import Jobs, Uploader
+from orchestrator.jobs import Jobs
 from orchestrator.ledger import Ledger, LedgerConfig
 from orchestrator.objects import ObjectStore, make_object_store
+from orchestrator.outbox import Uploader
 from orchestrator.settings import Settings, get_settings
 from sdk.errors import QaiError
 

@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     ledger_key_name: str = "qai.ledger-checkpoint"
     ledger_suite: str = "ML-DSA-65+ECDSA-P256"
 
-    # Outbox uploader (orchestrator/jobs.py: Uploader; orchestrator/uploader_process.py)
+    # Outbox uploader (orchestrator/outbox.py: Uploader; orchestrator/uploader_process.py)
     uploader: Literal["process", "thread", "external"] = Field(
         default="process",
         description="Where the outbox uploader runs. process: `qai serve` (all or jobs) starts one `qai uploader` "

@@ -25,19 +25,23 @@ from typing import TYPE_CHECKING
 from orchestrator.settings import Settings
 
 if TYPE_CHECKING:
-    from orchestrator.jobs import Uploader
+    from orchestrator.outbox import Uploader
 
 log = logging.getLogger(__name__)
 
 UPLOADER_PROCESS_ENV = "QAI_SERVE_UPLOADER_PID"
 """Set by ``qai serve`` for its workers to the pid of the uploader process it runs for them."""
 
+OUTBOX_COMPONENTS = ("all", "jobs", "scheduler")
+"""The components that write to the outbox (job envelopes, decisions): where they are served, an
+uploader runs."""
+
 PARENT_POLL_SECONDS = 1.0
 RESTART_DELAY_SECONDS = 1.0
 
 
 def runs_uploader_thread(settings: Settings) -> bool:
-    """Whether a process that serves jobs runs the uploader on a thread of its own."""
+    """Whether a process that serves jobs or the scheduler runs the uploader on a thread of its own."""
     if settings.uploader == "thread":
         return True
     if settings.uploader == "external":
@@ -46,7 +50,7 @@ def runs_uploader_thread(settings: Settings) -> bool:
 
 
 def serve_starts_uploader(settings: Settings, component: str) -> bool:
-    return settings.uploader == "process" and component in ("all", "jobs")
+    return settings.uploader == "process" and component in OUTBOX_COMPONENTS
 
 
 @contextmanager
@@ -55,8 +59,8 @@ def _standalone_uploader(settings: Settings) -> Iterator[Uploader]:
     migrated first), the connection disposed of afterwards."""
     from orchestrator import migrate
     from orchestrator.db import Database
-    from orchestrator.jobs import Uploader
     from orchestrator.objects import make_object_store
+    from orchestrator.outbox import Uploader
 
     db = Database(settings.resolved_database_url)
     try:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Query
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from orchestrator.http import PrincipalDep, ServicesDep
 from orchestrator.services import Services
-from scheduler.service import Decision, scheduler
+from scheduler.service import scheduler
 from sdk.errors import QaiError
 
 router = APIRouter(prefix="/v1", tags=["scheduler"])
@@ -31,7 +31,7 @@ class ScheduleRequest(BaseModel):
         return self
 
 
-def _schedule(svc: Services, req: ScheduleRequest, who: Any) -> Decision:
+def _schedule(svc: Services, req: ScheduleRequest, who: Any) -> Response:
     job_id = req.job_id
     if req.envelope is not None:
         submitted = svc.jobs.submit_many([req.envelope], who)[0]
@@ -39,7 +39,10 @@ def _schedule(svc: Services, req: ScheduleRequest, who: Any) -> Decision:
             raise submitted
         job_id = submitted.job_id
     assert job_id is not None
-    return scheduler(svc).schedule(job_id, who)
+    decision = scheduler(svc).schedule(job_id, who)
+    # written on the worker thread: a decision's JSON is tens of kB, not work for the event loop
+    return Response(decision.to_json_bytes(), status_code=201 if decision.created else 200,
+                    media_type="application/json")
 
 
 @router.post("/schedule", status_code=201,
@@ -47,9 +50,8 @@ def _schedule(svc: Services, req: ScheduleRequest, who: Any) -> Decision:
              responses={422: {"description": "no backend fits (code scheduler.no_backend): details.backends lists "
                                              "every backend with the reasons it was filtered"},
                         409: {"description": "the job is not pending (scheduler.bad_status)"}})
-async def schedule(body: ScheduleRequest, svc: ServicesDep, who: PrincipalDep) -> JSONResponse:
-    decision = await run_in_threadpool(_schedule, svc, body, who)
-    return JSONResponse(decision.to_json(), status_code=201 if decision.created else 200)
+async def schedule(body: ScheduleRequest, svc: ServicesDep, who: PrincipalDep) -> Response:
+    return await run_in_threadpool(_schedule, svc, body, who)
 
 
 @router.get("/decisions/{decision_id}", summary="A decision: its signed document (inputs and body), verified")

@@ -35,6 +35,7 @@ from sqlalchemy.types import BigInteger
 from orchestrator import metrics
 from orchestrator.auth import Principal, Role, check_crypto_policy, get_tenant
 from orchestrator.db import Base, JSONType, UTCDateTime, insert_rows, utcnow
+from orchestrator.outbox import OBJECT_OUTBOX
 from scheduler.engine import (
     DEFAULT_CONFIG,
     PRIORITY_CLASSES,
@@ -97,6 +98,7 @@ class Decision:
     document: dict[str, Any]  # {"type", "decision_id", "job_id", "created_at", "inputs", "decision"}
     path: str
     receipt: Receipt
+    body_canonical: bytes | None = None  # the body's RFC 8785 bytes, when this process just signed them
 
     @property
     def body(self) -> dict[str, Any]:
@@ -105,6 +107,15 @@ class Decision:
     def to_json(self) -> dict[str, Any]:
         return {"decision_id": self.decision_id, "job_id": self.job_id, "created": self.created,
                 "decision": self.body, "path": self.path, "receipt": self.receipt.model_dump(mode="json")}
+
+    def to_json_bytes(self) -> bytes:
+        """:meth:`to_json` as JSON bytes. A fresh decision's body, tens of kB, was just serialised
+        for its signature: those bytes are spliced in rather than serialised a second time."""
+        if self.body_canonical is None:
+            return json.dumps(self.to_json(), ensure_ascii=False, separators=(",", ":")).encode()
+        rest = {k: v for k, v in self.to_json().items() if k != "decision"}
+        head = json.dumps(rest, ensure_ascii=False, separators=(",", ":")).encode()
+        return b'{"decision":' + self.body_canonical + b"," + head[1:]
 
 
 def decision_path(digest: str) -> str:
@@ -435,13 +446,13 @@ class Scheduler:
         decision_id = str(uuid.uuid4())
         document = {"type": DECISION_STATEMENT, "decision_id": decision_id, "job_id": row.job_id,
                     "created_at": now.isoformat(), "inputs": inputs, "decision": body}
-        payload = document_payload(document, inputs_canonical)
+        body_canonical = canonical_json(body)
+        payload = document_payload(document, inputs_canonical, body_canonical)
         bundle = self.svc.kms.sign(key, principal=Principal.system("scheduler"),
                                    message=pae(DECISION_PAYLOAD_TYPE, payload))
         data = envelope_bytes(envelope_from_bundle(DECISION_PAYLOAD_TYPE, payload, bundle))
         digest = sha256_hex(data)
         path = decision_path(digest)
-        self.svc.objects.put(path, data)
         chosen = body["chosen"]
         run_seconds = chosen_run_seconds(inputs, body)
         # ledgered under the signer's tenant (the auditor checks the two agree); the row keeps the job's
@@ -463,6 +474,9 @@ class Scheduler:
                 "em_method": chosen and chosen["em_method"], "score": chosen and chosen["score"],
                 "confidence": body["confidence"], "run_seconds": run_seconds, "reasons": rejections(body),
                 "decision_manifest_path": path, "decision_sha256": digest, "ledger_index": first, "created_at": now}])
+            # the envelope goes to the object store from the outbox, after this commit: an S3
+            # round trip here would be most of a decision's latency
+            insert_rows(session, OBJECT_OUTBOX, [{"path": path, "sha256": digest, "data": data, "created_at": now}])
             if chosen is not None:  # pending → queued with its job_runs row, in this transaction
                 from scheduler.dispatch import queue_rows
 
@@ -473,7 +487,8 @@ class Scheduler:
         metrics.observe_decision(body)
         if chosen is not None:
             self._queued(chosen["backend_id"], inputs["job"]["priority_class"], float(run_seconds or 0.0))
-        return Decision(decision_id, row.job_id, True, document, path, self.svc.ledger.receipts([indexed])[0])
+        return Decision(decision_id, row.job_id, True, document, path, self.svc.ledger.receipts([indexed])[0],
+                        body_canonical)
 
     # --------------------------------------------------------------------------------------- reading
 
@@ -535,15 +550,17 @@ def verified_document(data: bytes, key: Any, at: datetime) -> dict[str, Any]:
     return document
 
 
-def document_payload(document: Mapping[str, Any], inputs_canonical: bytes | None) -> bytes:
-    """The RFC 8785 bytes of a decision document. With the inputs' canonical bytes at hand, the
-    object is written around them rather than serialising the largest member twice: JCS writes an
-    object's members sorted by key (section 3.2.3), each value in its own canonical form."""
+def document_payload(document: Mapping[str, Any], inputs_canonical: bytes | None,
+                     body_canonical: bytes | None = None) -> bytes:
+    """The RFC 8785 bytes of a decision document. With the canonical bytes of its inputs (and of
+    its body) at hand, the object is written around them rather than serialising its largest
+    members again: JCS writes an object's members sorted by key (section 3.2.3), each value in its
+    own canonical form."""
     if inputs_canonical is None:
         return canonical_json(dict(document))
-    rest = {k: v for k, v in document.items() if k != "inputs"}
-    keys = sorted([*rest, "inputs"], key=lambda k: k.encode("utf-16-be"))
-    parts = [canonical_json(k) + b":" + (inputs_canonical if k == "inputs" else canonical_json(rest[k])) for k in keys]
+    done = {"inputs": inputs_canonical} | ({"decision": body_canonical} if body_canonical is not None else {})
+    keys = sorted(document, key=lambda k: k.encode("utf-16-be"))
+    parts = [canonical_json(k) + b":" + (done[k] if k in done else canonical_json(document[k])) for k in keys]
     return b"{" + b",".join(parts) + b"}"
 
 

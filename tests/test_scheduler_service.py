@@ -128,6 +128,9 @@ def test_schedule_sign_ledger_replay_and_reject_over_http(ready: Services) -> No
         # idempotent: the same job gets the same decision back
         again = c.post("/v1/schedule", json={"job_id": job_id})
         assert again.status_code == 200 and again.json()["decision_id"] == out["decision_id"], again.text
+        assert {k: v for k, v in again.json().items() if k != "created"} == {k: v for k, v in out.items()
+                                                                             if k not in ("created", "receipt")} | {
+            "receipt": again.json()["receipt"]}
 
         # the stored, signed document holds every input and the same body
         got = c.get(f"/v1/decisions/{out['decision_id']}")
@@ -400,6 +403,7 @@ def test_the_document_written_around_canonical_inputs_is_its_canonical_json() ->
         doc = {"type": "qai.scheduler.decision.v1", "decision_id": "d", "job_id": "j", "created_at": created_at,
                "inputs": inputs, "decision": body}
         assert document_payload(doc, canonical_json(inputs)) == canonical_json(doc)
+        assert document_payload(doc, canonical_json(inputs), canonical_json(body)) == canonical_json(doc)
 
     check()
 
@@ -454,3 +458,43 @@ def test_a_value_profile_co_selects_the_em_method_and_replays(ready: Services) -
     rep = replay(services, decision.decision_id)
     assert rep.ok and rep.identical, [c for c in rep.checks if not c.ok]
     assert any(c.name.startswith("prediction:") for c in rep.checks)  # the options re-derived by the model
+
+
+def test_a_decision_waits_in_the_outbox_and_is_read_from_it_until_uploaded(ready: Services) -> None:
+    from orchestrator.outbox import OutboxObjectRow
+
+    services = ready  # no app: no uploader runs but the test's own
+    job_id = _submit(services)
+    services.uploader.drain()  # the job's envelope: only the decision's is pending below
+    decision = scheduler(services).schedule(job_id, Principal.system("test"))
+    row = scheduler(services).row(decision.decision_id)
+    # committed with the decision's row and ledger entry, not yet in the object store
+    assert services.objects.list("scheduler/decisions/") == []
+    with services.db.read() as s:
+        held = s.get(OutboxObjectRow, row.decision_manifest_path)
+        assert held is not None and held.sha256 == row.decision_sha256
+        signed = bytes(held.data)
+    assert services.uploader.pending() == 1
+    # readers do not see the difference: the verified document, the ledger API's bytes, replay
+    assert scheduler(services).load(row) == decision.document
+    assert services.ledger.object_bytes(row.decision_manifest_path) == signed
+    assert replay(services, decision.decision_id).ok
+
+    # a copy edited in the database is refused when read, and never uploaded
+    with services.db.write() as s:
+        s.execute(text("UPDATE object_outbox SET data = :d WHERE path = :p"),
+                  {"d": signed.replace(b'"payload":"', b'"payload":"e'), "p": row.decision_manifest_path})
+    with pytest.raises(Exception) as caught:
+        scheduler(services).load(row)
+    assert getattr(caught.value, "code", None) == "scheduler.decision_tampered"
+    assert services.uploader.run_once() == 0 and services.objects.list("scheduler/decisions/") == []
+    assert services.uploader.pending() == 1
+
+    with services.db.write() as s:
+        s.execute(text("UPDATE object_outbox SET data = :d WHERE path = :p"),
+                  {"d": signed, "p": row.decision_manifest_path})
+    services.uploader.drain()
+    assert services.objects.get(row.decision_manifest_path) == signed
+    with services.db.read() as s:
+        assert s.get(OutboxObjectRow, row.decision_manifest_path) is None
+    assert services.uploader.pending() == 0 and scheduler(services).load(row) == decision.document

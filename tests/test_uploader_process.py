@@ -62,8 +62,9 @@ def test_where_the_uploader_runs(monkeypatch: pytest.MonkeyPatch, settings: Sett
     process = settings.model_copy(update={"uploader": "process"})
     # an app that no qai serve started (tests, embedding) keeps the thread: nobody else uploads for it
     assert runs_uploader_thread(process)
-    assert serve_starts_uploader(process, "all") and serve_starts_uploader(process, "jobs")
-    assert not serve_starts_uploader(process, "kms") and not serve_starts_uploader(process, "scheduler")
+    # where envelopes enter the outbox: job ingest and scheduler decisions
+    assert all(serve_starts_uploader(process, c) for c in ("all", "jobs", "scheduler"))
+    assert not any(serve_starts_uploader(process, c) for c in ("kms", "ledger", "em-policy"))
     monkeypatch.setenv(UPLOADER_PROCESS_ENV, "12345")  # qai serve's workers
     assert not runs_uploader_thread(process)
     assert runs_uploader_thread(settings.model_copy(update={"uploader": "thread"}))
