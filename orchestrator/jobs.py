@@ -237,7 +237,7 @@ class Jobs:
         results, todo = checked.results, checked.todo
         outcomes = self.ledger.submit([_store_rows(todo)]).result() if todo else []
         appended = [o for o in outcomes if not isinstance(o, BaseException)]
-        receipts = iter(self.ledger.receipts(appended))
+        receipts = iter(self.ledger.receipts(appended, appended=True))
         for a, outcome in zip(todo, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 a.outcome = self._after_failure(a, outcome)

@@ -440,6 +440,7 @@ class Ledger:
                 last = s.scalars(select(LedgerCheckpointRow).order_by(LedgerCheckpointRow.size.desc())
                                  .limit(1)).first()
                 if size == 0 or (last is not None and last.size >= size):
+                    self._checkpointed = max(self._checkpointed, last.size if last is not None else 0)
                     return None
                 root = merkle.root_hash(size, read_nodes(s, merkle.range_nodes(0, size)))
             key = self.checkpoint_key()
@@ -455,7 +456,9 @@ class Ledger:
                 newest = s.scalars(select(LedgerCheckpointRow).order_by(LedgerCheckpointRow.size.desc())
                                    .limit(1)).first()
                 if newest is not None and (newest.size >= size or newest.at > cp.timestamp):
-                    return None  # another process checkpointed meanwhile; sizes and times stay monotonic
+                    # another process checkpointed meanwhile; sizes and times stay monotonic
+                    self._checkpointed = max(self._checkpointed, newest.size)
+                    return None
                 s.add(LedgerCheckpointRow(size=size, root=root.hex(), at=cp.timestamp, note=note,
                                           key_name=key.name, key_version=bundle.parts[0].version))
             self._checkpointed = size
@@ -502,10 +505,18 @@ class Ledger:
     def receipt(self, index: int) -> Receipt:
         return self.receipts([self.entry(index)])[0]
 
-    def receipts(self, entries: Sequence[IndexedEntry]) -> list[Receipt]:
-        """Receipts for entries in hand (fresh appends, say): one checkpoint read for all of them,
-        and an inclusion proof for each that the checkpoint covers."""
-        row = self.latest_checkpoint_row() if entries else None
+    def receipts(self, entries: Sequence[IndexedEntry], *, appended: bool = False) -> list[Receipt]:
+        """Receipts for entries in hand: one checkpoint read for all of them, and an inclusion proof
+        for each that the checkpoint covers.
+
+        ``appended``: entries this process has just committed. The checkpoint is then read only if
+        one this process knows of covers an entry (one it signed inline after the commit, say); a
+        checkpoint another process signed in the moments since is left out, and the receipt, like
+        any made before a checkpoint, carries none. Why: with the checkpointer on its thread, the
+        read almost never found a covering checkpoint, and it was a database round trip per
+        single-job submission and per scheduler decision."""
+        covers = not appended or any(e.index < self._checkpointed for e in entries)
+        row = self.latest_checkpoint_row() if entries and covers else None
         covered = [e.index for e in entries if row is not None and e.index < row.size]
         nodes: dict[merkle.Node, bytes] = {}
         if row is not None and covered:

@@ -155,7 +155,8 @@ class StateCollector(Collector):
 
 
 def _outbox_pending(svc: Services) -> float:
-    """What the uploader (a process of its own under qai serve) has yet to move: indexed by uploaded_at."""
+    """What the uploader (a process of its own under qai serve) has yet to move: job envelopes not
+    marked uploaded and the rows of ``object_outbox`` (scheduler decisions), refused copies included."""
     try:
         return float(svc.uploader.pending())
     except Exception:

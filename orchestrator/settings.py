@@ -98,10 +98,10 @@ class Settings(BaseSettings):
     # Outbox uploader (orchestrator/outbox.py: Uploader; orchestrator/uploader_process.py)
     uploader: Literal["process", "thread", "external"] = Field(
         default="process",
-        description="Where the outbox uploader runs. process: `qai serve` (all or jobs) starts one `qai uploader` "
-                    "process beside its workers, so uploads do not share the workers' GIL (an app started any "
-                    "other way runs a thread). thread: each process serving jobs runs one. external: none here; "
-                    "run `qai uploader` yourself.")
+        description="Where the outbox uploader runs. process: `qai serve` (all, jobs or scheduler) starts one "
+                    "`qai uploader` process beside its workers, so uploads do not share the workers' GIL (an app "
+                    "started any other way runs a thread). thread: each process serving jobs or the scheduler "
+                    "runs one. external: none here; run `qai uploader` yourself.")
     uploader_nice: int = Field(default=0, ge=0, le=19,
                                description="Niceness the uploader process adds to itself (0: as the server).")
 

@@ -487,8 +487,8 @@ class Scheduler:
         metrics.observe_decision(body)
         if chosen is not None:
             self._queued(chosen["backend_id"], inputs["job"]["priority_class"], float(run_seconds or 0.0))
-        return Decision(decision_id, row.job_id, True, document, path, self.svc.ledger.receipts([indexed])[0],
-                        body_canonical)
+        receipt = self.svc.ledger.receipts([indexed], appended=True)[0]
+        return Decision(decision_id, row.job_id, True, document, path, receipt, body_canonical)
 
     # --------------------------------------------------------------------------------------- reading
 

@@ -127,6 +127,25 @@ def test_receipts(svc: Services) -> None:
         verify_receipt(done.model_copy(update={"index": 4}), key)
 
 
+def test_receipts_of_fresh_appends_read_a_checkpoint_only_when_one_covers_them(svc: Services) -> None:
+    from sqlalchemy import event
+
+    statements: list[str] = []
+    event.listen(svc.db.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    # 12 appends: the writer signs the checkpoint at 10 inline, after the commit of the 10th
+    fresh = [svc.ledger.append_object("run-manifest", "org-a", e)
+             for e in signed_envelopes(svc.kms, "org-a.manifests", "org-a", 12)]
+    key = svc.ledger.checkpoint_key()
+    statements.clear()
+    late = svc.ledger.receipts(fresh[10:], appended=True)  # no checkpoint this process knows covers them
+    assert statements == [] and not any(r.complete for r in late)
+    covered = svc.ledger.receipts(fresh[:10], appended=True)  # the inline checkpoint does
+    assert statements and all(verify_receipt(r, key).checkpoint.size == 10 for r in covered)
+    # the same as a reader's receipt, which always reads the latest checkpoint
+    assert covered == [svc.ledger.receipt(e.index) for e in fresh[:10]]
+    assert late == [svc.ledger.receipt(e.index) for e in fresh[10:]]
+
+
 def test_bad_sizes_and_indices_have_codes(svc: Services) -> None:
     _fill(svc, 5)
     cases = [

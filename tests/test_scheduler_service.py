@@ -30,6 +30,7 @@ from sdk.audit import ServerSource, audit
 from sdk.canonical import canonical_json
 from sdk.client import Client
 from sdk.dsse import envelope_bytes, envelope_from_bundle, pae
+from sdk.errors import QaiError
 from sdk.ledger import SYSTEM_TENANT, verify_receipt
 from sdk.manifest import sign_manifest
 from tests.conftest import LiveServer
@@ -480,19 +481,32 @@ def test_a_decision_waits_in_the_outbox_and_is_read_from_it_until_uploaded(ready
     assert services.ledger.object_bytes(row.decision_manifest_path) == signed
     assert replay(services, decision.decision_id).ok
 
-    # a copy edited in the database is refused when read, and never uploaded
+    # a copy edited in the database, its digest column too, is refused when read and never uploaded:
+    # its path names the true content. It does not hold back the next decision's upload either.
+    from orchestrator.outbox import Uploader
+    from sdk.ledger import sha256_hex
+
+    forged = signed.replace(b'"payload":"', b'"payload":"e')
     with services.db.write() as s:
-        s.execute(text("UPDATE object_outbox SET data = :d WHERE path = :p"),
-                  {"d": signed.replace(b'"payload":"', b'"payload":"e'), "p": row.decision_manifest_path})
+        s.execute(text("UPDATE object_outbox SET data = :d, sha256 = :h WHERE path = :p"),
+                  {"d": forged, "h": sha256_hex(forged), "p": row.decision_manifest_path})
     with pytest.raises(Exception) as caught:
         scheduler(services).load(row)
     assert getattr(caught.value, "code", None) == "scheduler.decision_tampered"
-    assert services.uploader.run_once() == 0 and services.objects.list("scheduler/decisions/") == []
-    assert services.uploader.pending() == 1
+    job2 = _submit(services)
+    second = scheduler(services).row(scheduler(services).schedule(job2, Principal.system("test")).decision_id)
+    one_at_a_time = Uploader(services.db, services.objects, batch=1)
+    for _ in range(4):  # batches of one: job2's envelope, then the second decision past the refused one
+        one_at_a_time.run_once()
+    assert services.objects.list("scheduler/decisions/") == [second.decision_manifest_path]
+    assert one_at_a_time.refused == {row.decision_manifest_path} and one_at_a_time.pending() == 1
+    with pytest.raises(QaiError) as stuck:
+        one_at_a_time.drain(timeout=600)  # fails at once: only the refused copy is left
+    assert stuck.value.code == "outbox.stuck" and stuck.value.details["refused"] == [row.decision_manifest_path]
 
     with services.db.write() as s:
-        s.execute(text("UPDATE object_outbox SET data = :d WHERE path = :p"),
-                  {"d": signed, "p": row.decision_manifest_path})
+        s.execute(text("UPDATE object_outbox SET data = :d, sha256 = :h WHERE path = :p"),
+                  {"d": signed, "h": row.decision_sha256, "p": row.decision_manifest_path})
     services.uploader.drain()
     assert services.objects.get(row.decision_manifest_path) == signed
     with services.db.read() as s:

@@ -35,4 +35,10 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # Its rows are signed decisions that exist nowhere else yet, and the code before 0010 cannot
+    # read them: upload them first.
+    waiting = op.get_bind().execute(sa.text("SELECT count(*) FROM object_outbox")).scalar()
+    if waiting:
+        raise RuntimeError(f"object_outbox holds {waiting} objects not yet uploaded: run `qai uploader --drain` "
+                           "before downgrading below 0010")
     op.drop_table("object_outbox")
