@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := softhsm2 opensc chromium prometheus
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup system-packages services demo test lint typecheck bench bench-kms bench-ledger bench-ingest bench-harness bench-nightly bench-policy bench-scheduler clean
+.PHONY: setup system-packages services demo test lint typecheck bench bench-kms bench-ledger bench-ingest bench-harness bench-nightly bench-policy bench-scheduler bench-uploader clean
 
 setup: system-packages $(STAMP)
 
@@ -62,7 +62,7 @@ lint:
 typecheck:
 	$(VENV)/bin/mypy
 
-bench: bench-kms bench-ledger bench-ingest bench-harness bench-nightly bench-policy bench-scheduler
+bench: bench-kms bench-ledger bench-ingest bench-harness bench-nightly bench-policy bench-scheduler bench-uploader
 
 bench-kms: setup services
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }
@@ -88,6 +88,9 @@ bench-policy: setup
 # Scheduling over HTTP with 50 backends; trains a small policy on the test dataset (made on first use).
 bench-scheduler: setup
 	$(PY) bench/scheduler_bench.py
+
+bench-uploader: setup
+	$(PY) bench/uploader_bench.py --latency-ms 20
 
 bench-nightly: setup
 	rm -rf .qai-nightly

@@ -20,13 +20,15 @@ import re
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from orchestrator.settings import Settings
 from sdk.errors import QaiError
 
+R = TypeVar("R")
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*$")
 
 
@@ -49,6 +51,7 @@ class ObjectStore(Protocol):
     def put(self, key: str, data: bytes, *, overwrite: bool = False) -> None: ...
     def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[QaiError | None]: ...
     def get(self, key: str) -> bytes: ...
+    def get_many(self, keys: Sequence[str]) -> list[bytes | QaiError]: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str = "") -> list[str]: ...
     def ping(self) -> None: ...
@@ -67,16 +70,19 @@ def put_once(store: ObjectStore, key: str, data: bytes) -> None:
             raise
 
 
-def _each(put: Callable[[str, bytes], None], items: Sequence[tuple[str, bytes]]) -> list[QaiError | None]:
-    """``put`` every item; one result per item: None, or the error that refused it."""
-    results: list[QaiError | None] = []
-    for key, data in items:
+def _each(call: Callable[[Any], R], items: Sequence[Any], concurrency: int = 1) -> list[R | QaiError]:
+    """``call`` on every item, ``concurrency`` at a time; one result per item, in order: its
+    return value, or the error that refused it."""
+    def one(item: Any) -> R | QaiError:
         try:
-            put(key, data)
-            results.append(None)
+            return call(item)
         except QaiError as exc:
-            results.append(exc)
-    return results
+            return exc
+
+    if concurrency <= 1 or len(items) <= 1:
+        return [one(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(concurrency, len(items)), thread_name_prefix="object-store") as pool:
+        return list(pool.map(one, items))
 
 
 def _fsync(path: Path | str, *, data_only: bool = False) -> None:
@@ -178,6 +184,9 @@ class LocalObjectStore:
         except FileNotFoundError:
             raise _not_found(key) from None
 
+    def get_many(self, keys: Sequence[str]) -> list[bytes | QaiError]:
+        return _each(self.get, keys)
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
@@ -204,7 +213,8 @@ class S3ObjectStore:
     ``retention_days``; "latest" pointers (``overwrite=True``) are not, since each overwrite
     would leave another locked version behind."""
 
-    def __init__(self, client: Any, bucket: str, prefix: str = "", *, retention_days: int = 3650) -> None:
+    def __init__(self, client: Any, bucket: str, prefix: str = "", *, retention_days: int = 3650,
+                 concurrency: int = 1) -> None:
         if retention_days < 1:
             raise QaiError("object.bad_retention", "S3 Object Lock retention must be at least one day",
                            details={"retention_days": retention_days})
@@ -212,6 +222,7 @@ class S3ObjectStore:
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.retention_days = retention_days
+        self.concurrency = concurrency  # boto3 clients are thread-safe; its pool holds 10 connections
         self._locked: bool | None = None  # learnt from the bucket on first use
         self._lock = threading.Lock()
 
@@ -274,7 +285,12 @@ class S3ObjectStore:
             raise self._error(exc, key) from exc
 
     def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[QaiError | None]:
-        return _each(self.put, items)
+        """Write-once puts, ``concurrency`` in flight at once: each is two or three round trips
+        (HEAD, conditional PUT), and one after another they bound the outbox uploader."""
+        return _each(lambda item: self.put(*item), items, self.concurrency)
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | QaiError]:
+        return _each(self.get, keys, self.concurrency)
 
     def get(self, key: str) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -337,6 +353,7 @@ def make_object_store(settings: Settings) -> ObjectStore:
     if not settings.s3_bucket:
         return LocalObjectStore(settings.objects_dir)
     import boto3
+    from botocore.config import Config
 
     client = boto3.client(
         "s3",
@@ -345,6 +362,7 @@ def make_object_store(settings: Settings) -> ObjectStore:
         aws_access_key_id=settings.s3_access_key_id.get_secret_value() if settings.s3_access_key_id else None,
         aws_secret_access_key=(settings.s3_secret_access_key.get_secret_value()
                                if settings.s3_secret_access_key else None),
+        config=Config(max_pool_connections=max(10, settings.s3_concurrency)),
     )
     return S3ObjectStore(client, settings.s3_bucket, settings.s3_prefix,
-                         retention_days=settings.s3_object_lock_days)
+                         retention_days=settings.s3_object_lock_days, concurrency=settings.s3_concurrency)

@@ -129,15 +129,15 @@ class Uploader:
                 self.refused.add(p[1])
                 log.error("the outbox copy of %s is not the object its path names; not uploaded", p[1])
         stored = self.objects.put_many([(p[1], bytes(p[3])) for p in pending])  # write-once: retries are safe
-        moved: list[dict[str, Any]] = []
+        put = [p for p, error in zip(pending, stored, strict=True) if error is None]
         for p, error in zip(pending, stored, strict=True):
-            try:
-                if error is not None:
-                    raise error
-                if sha256_hex(self.objects.get(p[1])) != p[2]:
-                    raise QaiError("object.corrupt", f"stored {p[1]} does not hash to {p[2]}", status=500)
-            except QaiError as exc:
-                log.warning("outbox upload of %s failed (%s); will retry", p[1], exc.code)
+            if error is not None:
+                log.warning("outbox upload of %s failed (%s); will retry", p[1], error.code)
+        moved: list[dict[str, Any]] = []
+        for p, back in zip(put, self.objects.get_many([p[1] for p in put]), strict=True):  # read back: verified
+            if isinstance(back, QaiError) or sha256_hex(back) != p[2]:
+                log.warning("outbox upload of %s failed (%s); will retry", p[1],
+                            back.code if isinstance(back, QaiError) else "object.corrupt")
                 continue
             moved.append({"k": p[0]})
         if moved:  # one statement for the batch: the uploader must stay cheap next to ingest

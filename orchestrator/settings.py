@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     s3_object_lock_days: int = Field(
         default=3650, ge=1,
         description="COMPLIANCE retention (days) given to write-once objects when the bucket has Object Lock.")
+    s3_concurrency: int = Field(
+        default=8, ge=1, le=64,
+        description="Requests one batch of the outbox uploader has in flight to S3 at once (1: one after another).")
     redis_url: str | None = None
     redis_prefix: str = Field(default="qai", min_length=1, max_length=64,
                               description="Prefix of every Redis key of the job queue.")

@@ -75,6 +75,17 @@ def test_put_many_refuses_only_the_overwrites(store: ObjectStore) -> None:
     assert store.list("m/") == ["m/a", "m/b", "m/taken"]  # no temporary files left behind
 
 
+def test_many_at_once_answers_each_item_in_order(store: ObjectStore) -> None:
+    # on S3 the batch is in flight QAI_S3_CONCURRENCY requests at a time (8 by default)
+    items = [(f"n/{i:03d}", bytes([i % 256]) * (i + 1)) for i in range(40)]
+    assert store.put_many(items) == [None] * 40
+    again = store.put_many([("n/005", b"other"), ("n/006", items[6][1]), ("n/new", b"new")])
+    assert [getattr(r, "code", None) for r in again] == ["object.exists", None, None]
+    got = store.get_many([k for k, _ in items[::-1]] + ["n/missing", "n/../x"])
+    assert got[:40] == [data for _, data in items[::-1]]
+    assert [g.code for g in got[40:] if isinstance(g, QaiError)] == ["object.not_found", "object.bad_key"]
+
+
 def test_concurrent_writers_of_one_key_leave_one_version(store: ObjectStore) -> None:
     errors: list[str] = []
 
