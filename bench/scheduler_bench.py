@@ -13,11 +13,16 @@ Baselines, in the same server and run: ``GET /healthz`` (the HTTP floor) and
 p99s says what deciding, signing and ledgering add to the prediction the decision needs.
 
     .venv/bin/python bench/scheduler_bench.py [--data PARQUET] [--jobs 400] [--warmup 40]
+                                              [--s3 [--s3-latency-ms MS]]
+
+``--s3`` puts the object store on S3 (a moto server in its own process, an Object Lock bucket);
+the database is the embedded default unless QAI_DATABASE_URL says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import random
@@ -129,7 +134,29 @@ def main() -> None:
                                        "generated on first use, about a minute)")
     parser.add_argument("--jobs", type=int, default=400)
     parser.add_argument("--warmup", type=int, default=40)
+    parser.add_argument("--s3", action="store_true",
+                        help="object store: S3 (a moto server in its own process) instead of the local directory")
+    parser.add_argument("--s3-latency-ms", type=float, default=0.0,
+                        help="with --s3: hold each S3 request this long (a real region's round trip)")
     args = parser.parse_args()
+    with contextlib.ExitStack() as stack:
+        if args.s3:
+            from bench.serving import create_bucket, moto_s3
+
+            endpoint = stack.enter_context(moto_s3(args.s3_latency_ms))
+            create_bucket(endpoint, "qai-scheduler-bench")
+            os.environ.update({"QAI_S3_BUCKET": "qai-scheduler-bench", "QAI_S3_ENDPOINT_URL": endpoint,
+                               "QAI_S3_ACCESS_KEY_ID": "bench", "QAI_S3_SECRET_ACCESS_KEY": "bench"})
+        run(args)
+        if args.s3:
+            # qai serve's uploader child outlives it by up to a parent poll (uvicorn re-raises the
+            # SIGTERM before the server's own clean-up): keep S3 up until the child has gone
+            from orchestrator.uploader_process import PARENT_POLL_SECONDS
+
+            time.sleep(PARENT_POLL_SECONDS + 0.5)
+
+
+def run(args: argparse.Namespace) -> None:
     from bench.serving import qai_serve
 
     data = args.data

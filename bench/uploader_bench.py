@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,34 +29,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# moto, with each request held ``argv[2]`` ms before it is served: the round trip to a real S3
-# region (tens of ms to the first byte), which loopback does not have. Held on the server's own
-# request thread, so requests in flight overlap as they would over a network.
-MOTO = """
-import sys, time
-import moto.moto_server.threaded_moto_server as m
-delay = float(sys.argv[2]) / 1000
-class Slow(m.DomainDispatcherApplication):
-    def __call__(self, environ, start_response):
-        time.sleep(delay)
-        return super().__call__(environ, start_response)
-m.DomainDispatcherApplication = Slow  # the name ThreadedMotoServer builds its app from
-server = m.ThreadedMotoServer(ip_address="127.0.0.1", port=int(sys.argv[1]), verbose=False)
-server.start()
-print("ready", flush=True)
-time.sleep(86400)
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from bench.serving import create_bucket, moto_s3  # noqa: E402
 
 
 def one_run(endpoint: str, bucket: str, objects: int, size: int, concurrency: int, seed: int) -> float:
     """Objects per second drained from a fresh outbox of ``objects`` envelopes."""
-    import boto3
     from pydantic import SecretStr
 
     from orchestrator.db import Database, insert_rows, utcnow
@@ -67,8 +42,7 @@ def one_run(endpoint: str, bucket: str, objects: int, size: int, concurrency: in
     from orchestrator.outbox import OBJECT_OUTBOX, Uploader
     from orchestrator.settings import Settings
 
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
-                 aws_secret_access_key="bench").create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    create_bucket(endpoint, bucket)
     home = Path(tempfile.mkdtemp(prefix="qai-uploader-bench-"))
     settings = Settings(home=home, s3_bucket=bucket, s3_endpoint_url=endpoint, s3_concurrency=concurrency,
                         s3_access_key_id=SecretStr("bench"), s3_secret_access_key=SecretStr("bench"))
@@ -100,21 +74,13 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=0.0,
                         help="hold each S3 request this long in the server (a real region's round trip)")
     args = parser.parse_args()
-    port = free_port()
-    moto = subprocess.Popen([sys.executable, "-c", MOTO, str(port), str(args.latency_ms)], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert moto.stdout is not None and moto.stdout.readline().strip() == "ready"
-        endpoint = f"http://127.0.0.1:{port}"
-        rates: dict[int, list[float]] = {1: [], args.concurrency: []}
+    rates: dict[int, list[float]] = {1: [], args.concurrency: []}
+    with moto_s3(args.latency_ms) as endpoint:
         for r in range(args.rounds):
             for c in rates:
                 rate = one_run(endpoint, f"bench-{r}-{c}", args.objects, args.size, c, seed=r)
                 rates[c].append(rate)
                 print(f"round {r + 1}, concurrency {c:2d}: {rate:7.1f} objects/s", flush=True)
-    finally:
-        moto.terminate()
-        moto.wait(timeout=30)
     base, ours = statistics.median(rates[1]), statistics.median(rates[args.concurrency])
     print(f"{args.objects} envelopes of {args.size} bytes to S3 (moto in its own process, {args.latency_ms:g} ms "
           f"added per request), medians of {args.rounds}:")
