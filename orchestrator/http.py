@@ -113,8 +113,8 @@ class BodySizeLimit:
 
 
 # Both dependencies are coroutines on purpose: FastAPI runs a plain-function dependency on a worker
-# thread, and every such hop waits for the GIL, up to the switch interval (5 ms) per direction
-# while a batch computes on another thread: the single-job tail under load (docs/benchmarks.md).
+# thread, a hop there and back per dependency per request, each one waiting for the GIL while
+# other threads compute.
 async def services(request: Request) -> Services:
     return request.app.state.services  # type: ignore[no-any-return]
 

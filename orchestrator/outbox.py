@@ -129,9 +129,11 @@ class Uploader:
                 self.refused.add(p[1])
                 log.error("the outbox copy of %s is not the object its path names; not uploaded", p[1])
         stored = self.objects.put_many([(p[1], bytes(p[3])) for p in pending])  # write-once: retries are safe
-        put = [p for p, error in zip(pending, stored, strict=True) if error is None]
+        put = []
         for p, error in zip(pending, stored, strict=True):
-            if error is not None:
+            if error is None:
+                put.append(p)
+            else:
                 log.warning("outbox upload of %s failed (%s); will retry", p[1], error.code)
         moved: list[dict[str, Any]] = []
         for p, back in zip(put, self.objects.get_many([p[1] for p in put]), strict=True):  # read back: verified

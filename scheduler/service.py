@@ -113,7 +113,8 @@ class Decision:
         for its signature: those bytes are spliced in rather than serialised a second time."""
         if self.body_canonical is None:
             return json.dumps(self.to_json(), ensure_ascii=False, separators=(",", ":")).encode()
-        rest = {k: v for k, v in self.to_json().items() if k != "decision"}
+        rest = self.to_json()
+        del rest["decision"]
         head = json.dumps(rest, ensure_ascii=False, separators=(",", ":")).encode()
         return b'{"decision":' + self.body_canonical + b"," + head[1:]
 
