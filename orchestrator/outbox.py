@@ -93,6 +93,12 @@ def outbox_bytes(db: Database, path: str) -> bytes | None:
     return None
 
 
+def waiting(db: Database, path: str) -> bool:
+    """Whether ``object_outbox`` still holds ``path`` (the store does not have it yet)."""
+    with db.read() as s:
+        return s.scalar(select(OBJECT_OUTBOX.c.path).where(OBJECT_OUTBOX.c.path == path).limit(1)) is not None
+
+
 class Uploader:
     """Moves envelope bytes from the database outbox to the object store, verified by hash, with retries."""
 

@@ -35,7 +35,7 @@ from sqlalchemy.types import BigInteger
 from orchestrator import metrics
 from orchestrator.auth import Principal, Role, check_crypto_policy, get_tenant
 from orchestrator.db import Base, JSONType, UTCDateTime, insert_rows, utcnow
-from orchestrator.outbox import OBJECT_OUTBOX
+from orchestrator.outbox import OBJECT_OUTBOX, waiting
 from scheduler.engine import (
     DEFAULT_CONFIG,
     PRIORITY_CLASSES,
@@ -527,10 +527,15 @@ class Scheduler:
 
     def get(self, decision_id: str, principal: Principal) -> dict[str, Any]:
         row = self.row(decision_id, principal)
+        path = row.decision_manifest_path
+        document = self.load(row)
+        # as a job reports its envelope's: in the outbox still, or the store's own protection of it
+        storage = {"location": f"{self.svc.objects.location.rstrip('/')}/{path}",
+                   **({"mode": "outbox"} if waiting(self.svc.db, path) else self.svc.objects.retention(path))}
         return {"decision_id": row.id, "job_id": row.job_id, "tenant": row.tenant, "created_at": row.created_at,
                 "chosen_backend": row.chosen_backend, "em_method": row.em_method, "score": row.score,
-                "confidence": row.confidence, "path": row.decision_manifest_path, "ledger_index": row.ledger_index,
-                "document": self.load(row)}
+                "confidence": row.confidence, "path": path, "ledger_index": row.ledger_index, "storage": storage,
+                "document": document}
 
     def for_job(self, job_id: str) -> list[str]:
         with self.svc.db.read() as s:

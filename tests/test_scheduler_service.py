@@ -476,6 +476,7 @@ def test_a_decision_waits_in_the_outbox_and_is_read_from_it_until_uploaded(ready
         assert held is not None and held.sha256 == row.decision_sha256
         signed = bytes(held.data)
     assert services.uploader.pending() == 1
+    assert scheduler(services).get(decision.decision_id, Principal.system("test"))["storage"]["mode"] == "outbox"
     # readers do not see the difference: the verified document, the ledger API's bytes, replay
     assert scheduler(services).load(row) == decision.document
     assert services.ledger.object_bytes(row.decision_manifest_path) == signed
@@ -512,3 +513,5 @@ def test_a_decision_waits_in_the_outbox_and_is_read_from_it_until_uploaded(ready
     with services.db.read() as s:
         assert s.get(OutboxObjectRow, row.decision_manifest_path) is None
     assert services.uploader.pending() == 0 and scheduler(services).load(row) == decision.document
+    stored = scheduler(services).get(decision.decision_id, Principal.system("test"))["storage"]
+    assert stored["mode"] == "write-once" and stored["location"].endswith(row.decision_manifest_path)
