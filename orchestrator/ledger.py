@@ -317,7 +317,8 @@ class Ledger:
         # Re-read before signing: another process may have checkpointed since we last looked (its
         # checkpoints do not move this process's count, so without this every commit would sign).
         latest = self.latest_checkpoint_row()
-        self._checkpointed = latest.size if latest else 0
+        # never lowered: receipts(appended=True) trusts it, and another thread may have raised it meanwhile
+        self._checkpointed = max(self._checkpointed, latest.size if latest else 0)
         if size - self._checkpointed >= self.config.checkpoint_every:
             self.checkpoint()
 
@@ -461,7 +462,7 @@ class Ledger:
                     return None
                 s.add(LedgerCheckpointRow(size=size, root=root.hex(), at=cp.timestamp, note=note,
                                           key_name=key.name, key_version=bundle.parts[0].version))
-            self._checkpointed = size
+            self._checkpointed = max(self._checkpointed, size)
             metrics.LEDGER_CHECKPOINTS.inc()
             self.publish()
             return SignedCheckpoint(cp, note)

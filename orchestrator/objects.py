@@ -286,7 +286,8 @@ class S3ObjectStore:
 
     def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[QaiError | None]:
         """Write-once puts, ``concurrency`` in flight at once: each is two or three round trips
-        (HEAD, conditional PUT), and one after another they bound the outbox uploader."""
+        (HEAD, conditional PUT), and one after another they bound the outbox uploader. One key given
+        twice with different bytes in one batch keeps either (the other gets ``object.exists``)."""
         return _each(lambda item: self.put(*item), items, self.concurrency)
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | QaiError]:
@@ -362,7 +363,8 @@ def make_object_store(settings: Settings) -> ObjectStore:
         aws_access_key_id=settings.s3_access_key_id.get_secret_value() if settings.s3_access_key_id else None,
         aws_secret_access_key=(settings.s3_secret_access_key.get_secret_value()
                                if settings.s3_secret_access_key else None),
-        config=Config(max_pool_connections=max(10, settings.s3_concurrency)),
+        # a batch's requests plus the requests served meanwhile (reads, checkpoint publication)
+        config=Config(max_pool_connections=max(10, 2 * settings.s3_concurrency)),
     )
     return S3ObjectStore(client, settings.s3_bucket, settings.s3_prefix,
                          retention_days=settings.s3_object_lock_days, concurrency=settings.s3_concurrency)

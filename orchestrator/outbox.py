@@ -28,6 +28,7 @@ from sdk.errors import QaiError
 from sdk.ledger import sha256_hex
 
 log = logging.getLogger(__name__)
+REFUSED_RETRY_SECONDS = 600.0
 
 
 class OutboxObjectRow(Base):
@@ -105,9 +106,10 @@ class Uploader:
     def __init__(self, db: Database, objects: ObjectStore, *, interval: float = 0.5, batch: int = 200) -> None:
         self.db, self.objects, self.batch = db, objects, batch
         self._loop = BackgroundLoop("outbox-uploader", self.run_once, interval)
-        # Paths whose database copy is not their content: left in the outbox (and on the gauge),
-        # skipped by later batches so that they cannot hold the rest back.
-        self.refused: set[str] = set()
+        # Paths whose database copy is not their content (-> when refused): left in the outbox and on
+        # the gauge, skipped by later batches so that they cannot hold the rest back, looked at again
+        # after REFUSED_RETRY_SECONDS in case someone has mended the row.
+        self.refused: dict[str, float] = {}
 
     def run_once(self) -> int:
         """Upload one batch from each outbox; returns how many objects were moved. One uploader at
@@ -119,6 +121,8 @@ class Uploader:
         t = box.clause
         key, path, digest, data = t.c[box.key], t.c[box.path], t.c[box.sha256], t.c[box.data]
         query = select(key, path, digest, data).where(box.pending())
+        now = time.monotonic()
+        self.refused = {p: at for p, at in self.refused.items() if now - at < REFUSED_RETRY_SECONDS}
         if self.refused:
             query = query.where(path.not_in(sorted(self.refused)))
         with self.db.read() as s:
@@ -132,7 +136,7 @@ class Uploader:
             if found == p[2] and p[1].rsplit("/", 1)[-1] == found:
                 pending.append(p)
             else:
-                self.refused.add(p[1])
+                self.refused[p[1]] = now
                 log.error("the outbox copy of %s is not the object its path names; not uploaded", p[1])
         stored = self.objects.put_many([(p[1], bytes(p[3])) for p in pending])  # write-once: retries are safe
         put = []

@@ -52,7 +52,8 @@ class Settings(BaseSettings):
         description="COMPLIANCE retention (days) given to write-once objects when the bucket has Object Lock.")
     s3_concurrency: int = Field(
         default=8, ge=1, le=64,
-        description="Requests one batch of the outbox uploader has in flight to S3 at once (1: one after another).")
+        description="S3 requests one batch call (put_many, get_many: the outbox uploader's batches, a run's files) "
+                    "keeps in flight at once (1: one after another).")
     redis_url: str | None = None
     redis_prefix: str = Field(default="qai", min_length=1, max_length=64,
                               description="Prefix of every Redis key of the job queue.")
