@@ -85,6 +85,17 @@ class Prediction(BaseModel):
     features: dict[str, float]
 
 
+@dataclass(frozen=True)
+class _OnSnapshot:
+    """What a circuit gives on a calibration snapshot under one model, whatever the shots: its
+    features, the model's row (features and history), range warnings, seconds per shot."""
+
+    features: dict[str, float]
+    row: dict[str, float]
+    warnings: tuple[str, ...]
+    seconds_per_shot: float
+
+
 @dataclass
 class _Loaded:
     version: str
@@ -105,6 +116,9 @@ class PolicyService:
         # Compiling a circuit for a device (the layout search) costs tens of ms; jobs resubmit the
         # same circuits, so features are remembered per (circuit, observable, snapshot).
         self._features: OrderedDict[tuple[str, str, str], dict[str, float]] = OrderedDict()
+        # and what the model makes of them, the range check's refusal included: the scheduler asks
+        # about one circuit on every backend for every job, and these checks were a fifth of it
+        self._on_snapshot: OrderedDict[tuple[str, str, str, str], _OnSnapshot | QaiError] = OrderedDict()
 
     # --------------------------------------------------------------------------------------------- model
 
@@ -193,8 +207,8 @@ class PolicyService:
 
     @staticmethod
     def _feature_key(req: PredictRequest, snapshot_id: str) -> tuple[str, str, str]:
-        return (hashlib.sha256((req.qasm or "").encode()).hexdigest(), json.dumps(req.observable, sort_keys=True),
-                snapshot_id)
+        observable = "null" if req.observable is None else json.dumps(req.observable, sort_keys=True)
+        return hashlib.sha256((req.qasm or "").encode()).hexdigest(), observable, snapshot_id
 
     def features(self, req: PredictRequest, snap: CalibrationSnapshot) -> dict[str, float]:
         if req.qasm is None or req.features is not None:
@@ -239,7 +253,7 @@ class PolicyService:
         results: list[Prediction | QaiError | None] = [None] * len(requests)
         for i, req in enumerate(requests):
             try:
-                row, ratio, warnings, out_of_range, context = self._prepare(req, model)
+                row, ratio, warnings, out_of_range, context = self._prepare(req, version, model)
             except QaiError as err:
                 # a server-side error is not the request's, except a snapshot that no longer matches
                 # its id: that one backend's calibration is unusable, the others are not
@@ -276,7 +290,7 @@ class PolicyService:
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 
-    def _prepare(self, req: PredictRequest, model: PolicyModel
+    def _prepare(self, req: PredictRequest, version: str, model: PolicyModel
                  ) -> tuple[dict[str, float], float, list[str], bool,
                             tuple[PredictRequest, CalibrationSnapshot, dict[str, float], float]]:
         """A request's model row, budget ratio, warnings and whether its features lie outside the
@@ -284,23 +298,56 @@ class PolicyService:
         snap = self.snapshot(req.backend_id, req.calibration_snapshot_id)
         check_snapshot(model, snap)
         ratio = budget_ratio(req.shots, req.shot_budget)
-        features = self.features(req, snap)
-        if features["feat_num_qubits"] > snap.num_qubits:
-            raise QaiError("em_policy.circuit_too_large", f"{features['feat_num_qubits']:g} qubits do not fit "
-                           f"{snap.backend_id} ({snap.num_qubits})", status=422)
-        warnings = model.range_check(features)
+        on = self._circuit_on(req, snap, version, model)
+        warnings = list(on.warnings)
         out_of_range = bool(warnings)
-        seconds_per_shot = shot_seconds(snap, features)
         if req.latency_budget_seconds is not None:
             if not (math.isfinite(req.latency_budget_seconds) and 0 < req.latency_budget_seconds <= 1e9):
                 raise QaiError("em_policy.invalid_budget", "latency_budget_seconds must be positive", status=422)
-            cap = req.latency_budget_seconds / (req.shots * seconds_per_shot)
+            cap = req.latency_budget_seconds / (req.shots * on.seconds_per_shot)
             if cap < 1:
-                warnings.append(f"even the unmitigated run (about {req.shots * seconds_per_shot:.3g} s) exceeds "
+                warnings.append(f"even the unmitigated run (about {req.shots * on.seconds_per_shot:.3g} s) exceeds "
                                 "the latency budget")
             ratio = max(1.0, min(ratio, cap))
-        return (model.with_history(features, snap.id), ratio, warnings, out_of_range,
-                (req, snap, features, seconds_per_shot))
+        features = dict(on.features)
+        return dict(on.row), ratio, warnings, out_of_range, (req, snap, features, on.seconds_per_shot)
+
+    def _circuit_on(self, req: PredictRequest, snap: CalibrationSnapshot, version: str,
+                    model: PolicyModel) -> _OnSnapshot:
+        """:class:`_OnSnapshot` for ``req``'s circuit, remembered per (model version, circuit,
+        observable, snapshot) when the circuit came as QASM, a refusal too (raised afresh each time:
+        one exception object raised again would pile up tracebacks). Pure functions of that key, so
+        a remembered answer is the computed one, bit for bit."""
+        key = (version, *self._feature_key(req, snap.id)) if req.qasm is not None and req.features is None else None
+        if key is not None:
+            with self._lock:
+                hit = self._on_snapshot.get(key)
+                if hit is not None:
+                    self._on_snapshot.move_to_end(key)
+            if isinstance(hit, QaiError):
+                raise QaiError(hit.code, hit.message, status=hit.status, details=hit.details)
+            if hit is not None:
+                return hit
+        try:
+            features = self.features(req, snap)
+            if features["feat_num_qubits"] > snap.num_qubits:
+                raise QaiError("em_policy.circuit_too_large", f"{features['feat_num_qubits']:g} qubits do not fit "
+                               f"{snap.backend_id} ({snap.num_qubits})", status=422)
+            warnings = model.range_check(features)
+            found: _OnSnapshot | QaiError = _OnSnapshot(features, model.with_history(features, snap.id),
+                                                        tuple(warnings), shot_seconds(snap, features))
+        except QaiError as err:
+            if err.status >= 500:
+                raise  # the server's trouble, not the request's: ask again next time
+            found = err
+        if key is not None:
+            with self._lock:
+                self._on_snapshot[key] = found
+                while len(self._on_snapshot) > FEATURE_CACHE_SIZE:
+                    self._on_snapshot.popitem(last=False)
+        if isinstance(found, QaiError):
+            raise found
+        return found
 
 
 def budget_ratio(shots: int, shot_budget: int) -> float:

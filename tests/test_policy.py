@@ -337,6 +337,43 @@ def test_predict_over_http(trained: Services, data_path: Path, tmp_path: Path) -
         assert any("dev_readout_error" in x for x in w["warnings"]) and w["confidence"] < 0.85
 
 
+def test_a_circuit_on_a_snapshot_is_worked_out_once_per_model(trained: Services, data_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from em_policy.api import policy_service
+    from em_policy.policy import PolicyModel
+    from em_policy.service import PolicyService, PredictRequest
+    from em_policy.training import train_and_register
+    from harness.catalog import catalog
+
+    services = trained
+    assert train_and_register([str(data_path)], SMALL, quiet=True, svc=services)["promoted"]
+    service = policy_service(services)
+    reqs = [PredictRequest(qasm=GHZ3, backend_id=b.backend_id, shots=4000, shot_budget=400000) for b in catalog()]
+
+    def answers(predictions: list[Any]) -> list[Any]:
+        return [(p.code, p.message, p.details) if isinstance(p, QaiError) else p.model_dump() for p in predictions]
+
+    first = service.predict_each(reqs)
+    # some backends answered, some refused (the small model's training range): both are remembered
+    assert {isinstance(p, QaiError) for p in first} == {True, False}
+    checks: list[int] = []
+    range_check = PolicyModel.range_check
+    monkeypatch.setattr(PolicyModel, "range_check", lambda self, row: checks.append(1) or range_check(self, row))
+    again = service.predict_each(reqs)
+    assert checks == [] and answers(again) == answers(first)  # remembered, bit for bit
+    # a refusal is raised afresh, not the same object again
+    assert all(a is not b for a, b in zip(again, first, strict=True) if isinstance(a, QaiError))
+    # the request's own checks still come first: a bad budget is that, on a remembered circuit too
+    refused = next(r for r, p in zip(reqs, first, strict=True) if isinstance(p, QaiError))
+    bad = service.predict_each([refused.model_copy(update={"shot_budget": 100})])[0]
+    assert isinstance(bad, QaiError) and bad.code == "em_policy.invalid_budget"
+    # nothing remembered: the same answers worked out again
+    cold = PolicyService(services).predict_each(reqs)
+    assert len(checks) == sum(not isinstance(p, QaiError) or p.code == "em_policy.features_out_of_range"
+                              for p in cold)
+    assert answers(cold) == answers(first)
+
+
 def result_methods(services: Services) -> list[str]:
     return list(loads_champion(services).methods)
 
