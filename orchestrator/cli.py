@@ -46,7 +46,8 @@ def serve(
     component: Annotated[str, typer.Argument(help="all, or one of: kms, ledger, jobs, em-policy, scheduler")] = "all",
     host: str = "127.0.0.1",
     port: int = 8000,
-    workers: int = 1,
+    workers: Annotated[int, typer.Option(min=1, help="Server processes, each accepting on a socket of its own "
+                                         "(SO_REUSEPORT), so connections spread over them.")] = 1,
 ) -> None:
     """Serve every component in one process (default) or a single one (``qai serve kms``)."""
     import uvicorn
@@ -66,7 +67,15 @@ def serve(
         services()  # migrate and open the HSM (or reach the KMS) before accepting traffic
     factory = "orchestrator.main:app" if component == "all" else f"orchestrator.main:{component.replace('-', '_')}_app"
     with uploader_process(settings, component):  # started after the migration, stopped after the workers
-        uvicorn.run(factory, host=host, port=port, workers=workers, log_level="warning")
+        if workers == 1:
+            uvicorn.run(factory, host=host, port=port, log_level="warning")
+            return
+        from orchestrator.server_processes import serve_processes
+
+        with cli_errors(False):
+            code = serve_processes(factory, host, port, workers)
+    if code:
+        raise typer.Exit(code=code)
 
 
 def uploader(
