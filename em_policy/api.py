@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import json
+import logging
 
 from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
@@ -15,6 +16,7 @@ from orchestrator.services import Services
 from sdk.errors import QaiError
 
 MAX_BATCH = 1000
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["em-policy"])
 
@@ -55,15 +57,28 @@ async def predict(body: PredictRequest, svc: ServicesDep, who: PrincipalDep) -> 
 
 
 @router.post("/predict:batch", summary="Many predictions; one result (prediction or error) per request, in order")
-def predict_batch(body: BatchRequest, svc: ServicesDep, who: PrincipalDep) -> dict[str, Any]:
+def predict_batch(body: BatchRequest, svc: ServicesDep, who: PrincipalDep) -> Response:
     service = policy_service(svc)
     service.model()  # no model: the whole batch is a 503, not a list of them
-    results: list[dict[str, Any]] = []
-    for req in body.requests:
-        try:
-            results.append({"prediction": service.predict(req).model_dump()})
-        except QaiError as err:
-            results.append(err.to_body())  # {"error": {code, message, details}}
-        except Exception:  # one bad item must not fail the others; details never carry internals
-            results.append(QaiError("internal.error", "this prediction failed unexpectedly", status=500).to_body())
-    return {"results": results}
+    try:
+        # The model runs once over the batch, as it does for the scheduler's requests (a quarter of
+        # the time of one run per request for 50). Its numbers can differ from /v1/predict's for the
+        # same request in the last bits (matrix against single-row arithmetic), never in the method.
+        answers: list[Prediction | QaiError] = service.predict_each(body.requests)
+    except Exception:  # an error that is not one request's: find whose it is, one request at a time
+        answers = [_one(service, req) for req in body.requests]
+    # Each prediction's JSON written once by pydantic: FastAPI's encoder walks a returned dict
+    # node by node, as long again as the predictions themselves.
+    parts = [b'{"prediction":' + a.model_dump_json().encode() + b"}" if isinstance(a, Prediction)
+             else json.dumps(a.to_body()).encode() for a in answers]
+    return Response(b'{"results":[' + b",".join(parts) + b"]}", media_type="application/json")
+
+
+def _one(service: PolicyService, req: PredictRequest) -> Prediction | QaiError:
+    try:
+        return service.predict(req)
+    except QaiError as err:
+        return err
+    except Exception:  # one bad item must not fail the others; details never carry internals
+        log.exception("a prediction of a batch failed")
+        return QaiError("internal.error", "this prediction failed unexpectedly", status=500)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -242,7 +243,8 @@ def _post(srv: LiveServer, path: str, body: Any, token: dict[str, str]) -> httpx
     return httpx.post(srv.url + path, json=body, headers=token, timeout=60)
 
 
-def test_predict_over_http(trained: Services, data_path: Path, tmp_path: Path) -> None:
+def test_predict_over_http(trained: Services, data_path: Path, tmp_path: Path,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
     from em_policy.training import train_and_register
 
     services = trained
@@ -278,11 +280,48 @@ def test_predict_over_http(trained: Services, data_path: Path, tmp_path: Path) -
                                            "shot_budget": 400000}, token).json()
         assert (feats["method"], feats["confidence"]) == (p["method"], p["confidence"])
 
-        batch = _post(srv, "/v1/predict:batch", {"requests": [good, dict(good, qasm="OPENQASM 2.0; qreg")]}, token)
+        # a batch: the model runs once over it; each answer is the single request's (the numbers to
+        # the last bits or so: matrix against one-row arithmetic), each error its own, in order
+        items = [dict(good, backend_id=b) for b in ("fake_nairobi", "fake_manila", "fake_guadalupe", "fake_kolkata")]
+        items[2:2] = [dict(good, qasm="OPENQASM 2.0; qreg"), dict(good, shot_budget=100)]
+        singles = [_post(srv, "/v1/predict", i, token).json() for i in items]
+        batch = _post(srv, "/v1/predict:batch", {"requests": items}, token)
         assert batch.status_code == 200
         results = batch.json()["results"]
-        assert results[0]["prediction"]["method"] == p["method"]
-        assert results[1]["error"]["code"] == "em_policy.invalid_qasm"
+        assert [r["error"]["code"] for r in results[2:4]] == ["em_policy.invalid_qasm", "em_policy.invalid_budget"]
+        assert results[2:4] == singles[2:4]
+
+        def same(a: dict[str, Any], b: dict[str, Any]) -> None:
+            assert a.keys() == b.keys() and a["method"] == b["method"]
+            for k in a:
+                if isinstance(a[k], float):
+                    assert math.isclose(a[k], b[k], rel_tol=1e-12, abs_tol=1e-15), k
+                elif k == "alternatives":
+                    for x, y in zip(a[k], b[k], strict=True):
+                        same(x, y)
+                else:
+                    assert a[k] == b[k], k
+        for r, single in zip(results, singles, strict=True):
+            if "error" in single:
+                assert r == single
+            else:
+                same(r["prediction"], single)
+        assert sum("error" not in single for single in singles) >= 3
+
+        # an error that is no one request's (a bug, say) is looked for one request at a time
+        from em_policy.service import PolicyService
+
+        def broken(self: PolicyService, requests: list[Any]) -> Any:
+            if len(requests) > 1 or requests[0].backend_id == "fake_guadalupe":
+                raise RuntimeError("boom")
+            return each(self, requests)
+        each = PolicyService.predict_each
+        monkeypatch.setattr(PolicyService, "predict_each", broken)
+        isolated = _post(srv, "/v1/predict:batch", {"requests": items}, token).json()["results"]
+        monkeypatch.undo()
+        assert isolated[4]["error"]["code"] == "internal.error" and "boom" not in json.dumps(isolated[4])
+        one_by_one = [r.get("prediction", r) for r in isolated]  # the singles' very bits
+        assert one_by_one[:4] + one_by_one[5:] == singles[:4] + singles[5:]
 
         old = dataclasses.replace(catalog_snapshot("fake_manila"), created_at=datetime(2015, 1, 1, tzinfo=UTC))
         from harness.backends import import_snapshot
