@@ -8,6 +8,7 @@ import logging
 
 from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
 from pydantic import BaseModel, ConfigDict, Field
 
 from em_policy.service import PolicyService, Prediction, PredictRequest
@@ -63,14 +64,18 @@ def predict_batch(body: BatchRequest, svc: ServicesDep, who: PrincipalDep) -> Re
     try:
         # The model runs once over the batch, as it does for the scheduler's requests (a quarter of
         # the time of one run per request for 50). Its numbers can differ from /v1/predict's for the
-        # same request in the last bits (matrix against single-row arithmetic), never in the method.
-        answers: list[Prediction | QaiError] = service.predict_each(body.requests)
-    except Exception:  # an error that is not one request's: find whose it is, one request at a time
+        # same request in the last bits (matrix against single-row arithmetic).
+        answers = service.predict_each(body.requests, server_errors_each=True)
+    except QaiError:
+        raise  # not any one request's (the model unavailable): the whole batch's answer
+    except Exception:  # a bug: find the request that meets it, one request at a time
+        log.exception("a batch of %d predictions failed; answering it one request at a time", len(body.requests))
         answers = [_one(service, req) for req in body.requests]
     # Each prediction's JSON written once by pydantic: FastAPI's encoder walks a returned dict
-    # node by node, as long again as the predictions themselves.
+    # node by node, as long again as the predictions themselves. Errors as error_response writes them.
     parts = [b'{"prediction":' + a.model_dump_json().encode() + b"}" if isinstance(a, Prediction)
-             else json.dumps(a.to_body()).encode() for a in answers]
+             else json.dumps(jsonable_encoder(a.to_body()), ensure_ascii=False, allow_nan=False).encode()
+             for a in answers]
     return Response(b'{"results":[' + b",".join(parts) + b"]}", media_type="application/json")
 
 
@@ -80,5 +85,5 @@ def _one(service: PolicyService, req: PredictRequest) -> Prediction | QaiError:
     except QaiError as err:
         return err
     except Exception:  # one bad item must not fail the others; details never carry internals
-        log.exception("a prediction of a batch failed")
+        log.exception("a prediction failed")
         return QaiError("internal.error", "this prediction failed unexpectedly", status=500)

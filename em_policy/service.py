@@ -240,10 +240,13 @@ class PolicyService:
             out.append(p)
         return out
 
-    def predict_each(self, requests: Sequence[PredictRequest]) -> list[Prediction | QaiError]:
+    def predict_each(self, requests: Sequence[PredictRequest], *, server_errors_each: bool = False
+                     ) -> list[Prediction | QaiError]:
         """One prediction, or the error that refuses it, per request: the model runs once over the
         requests it can answer (the scheduler asks about one circuit on many backends at once, and
-        some of them may not fit). An error that is not the request's (no model) still raises."""
+        some of them may not fit). An error that is not the request's (no model) still raises; so
+        does a server-side one met on a request (a snapshot that cannot be read, say), unless
+        ``server_errors_each``, which answers it in that request's place (the REST batch)."""
         version, model = self.model()
         rows: list[dict[str, float]] = []
         ratios: list[float] = []
@@ -258,7 +261,7 @@ class PolicyService:
                 # a server-side error is not the request's, except a snapshot that no longer matches
                 # its id: that one backend's calibration is unusable, the others are not
                 metrics.POLICY_REFUSED.labels(err.code).inc()
-                if err.status >= 500 and err.code != "calibration.id_mismatch":
+                if err.status >= 500 and err.code != "calibration.id_mismatch" and not server_errors_each:
                     raise
                 results[i] = err
                 continue

@@ -285,7 +285,18 @@ def test_predict_over_http(trained: Services, data_path: Path, tmp_path: Path,
         items = [dict(good, backend_id=b) for b in ("fake_nairobi", "fake_manila", "fake_guadalupe", "fake_kolkata")]
         items[2:2] = [dict(good, qasm="OPENQASM 2.0; qreg"), dict(good, shot_budget=100)]
         singles = [_post(srv, "/v1/predict", i, token).json() for i in items]
+        from em_policy.service import PolicyService
+
+        each = PolicyService.predict_each
+        calls: list[int] = []
+
+        def counted(self: PolicyService, requests: list[Any], **kw: Any) -> Any:
+            calls.append(len(requests))
+            return each(self, requests, **kw)
+        monkeypatch.setattr(PolicyService, "predict_each", counted)
         batch = _post(srv, "/v1/predict:batch", {"requests": items}, token)
+        monkeypatch.undo()
+        assert calls == [len(items)]  # one run over the whole batch, errors included
         assert batch.status_code == 200
         results = batch.json()["results"]
         assert [r["error"]["code"] for r in results[2:4]] == ["em_policy.invalid_qasm", "em_policy.invalid_budget"]
@@ -308,14 +319,24 @@ def test_predict_over_http(trained: Services, data_path: Path, tmp_path: Path,
                 same(r["prediction"], single)
         assert sum("error" not in single for single in singles) >= 3
 
-        # an error that is no one request's (a bug, say) is looked for one request at a time
-        from em_policy.service import PolicyService
+        # a server-side error met on one request (its snapshot unreadable) is answered in its place
+        snapshot = PolicyService.snapshot
 
-        def broken(self: PolicyService, requests: list[Any]) -> Any:
+        def unreadable(self: PolicyService, backend_id: str | None, snapshot_id: str | None) -> Any:
+            if backend_id == "fake_manila":
+                raise QaiError("calibration.unreadable", "the snapshot cannot be read", status=503)
+            return snapshot(self, backend_id, snapshot_id)
+        monkeypatch.setattr(PolicyService, "snapshot", unreadable)
+        partial = _post(srv, "/v1/predict:batch", {"requests": items}, token).json()["results"]
+        monkeypatch.undo()
+        assert partial[1]["error"]["code"] == "calibration.unreadable"
+        assert partial[:1] + partial[2:] == results[:1] + results[2:]
+
+        # an error that is no one request's (a bug, say) is looked for one request at a time
+        def broken(self: PolicyService, requests: list[Any], **kw: Any) -> Any:
             if len(requests) > 1 or requests[0].backend_id == "fake_guadalupe":
                 raise RuntimeError("boom")
-            return each(self, requests)
-        each = PolicyService.predict_each
+            return each(self, requests, **kw)
         monkeypatch.setattr(PolicyService, "predict_each", broken)
         isolated = _post(srv, "/v1/predict:batch", {"requests": items}, token).json()["results"]
         monkeypatch.undo()
