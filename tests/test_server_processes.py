@@ -25,25 +25,14 @@ from uvicorn.config import STARTUP_FAILURE
 
 from orchestrator.server_processes import MAX_QUICK_EXITS, _Slot, _Supervisor
 from tests.conftest import free_port
+from tests.proc_helpers import child_pids, gone
 
 ROOT = Path(__file__).resolve().parent.parent
 CONNECTIONS = 24  # hashed over 2 sockets: one process left without any has probability 2 ** -23
 
 
 def _server_processes(parent: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == parent and fields[0] != "Z" and b"spawn_main" in cmdline:
-            out.append(int(entry.name))
-    return sorted(out)
+    return child_pids(parent, b"spawn_main")
 
 
 def _tcp_sockets(port: int, state: str) -> set[str]:
@@ -67,13 +56,6 @@ def _owned(pid: int, inodes: set[str]) -> set[str]:
         if target.startswith("socket:[") and target[8:-1] in inodes:
             mine.add(target[8:-1])
     return mine
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def _wait(condition: object, what: str, seconds: float = 120) -> None:
@@ -152,7 +134,7 @@ def test_connections_spread_over_processes_that_are_restarted_and_stopped(serve:
         proc.send_signal(signal.SIGHUP)
         answered, dropped = 0, 0
         deadline = time.monotonic() + 240
-        while not all(_gone(pid) for pid in before):
+        while not all(gone(pid) for pid in before):
             assert time.monotonic() < deadline, "the rolling restart did not finish"
             try:  # a fresh connection each time: some hash to the slot being replaced
                 assert httpx.get(f"{serve.url}/healthz", timeout=30).status_code == 200
@@ -171,7 +153,7 @@ def test_connections_spread_over_processes_that_are_restarted_and_stopped(serve:
         pids = _server_processes(proc.pid)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
-        assert all(_gone(pid) for pid in pids)
+        assert all(gone(pid) for pid in pids)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -184,7 +166,7 @@ def test_server_processes_do_not_outlive_a_kill_9_of_their_supervisor(serve: Ser
         pids = serve.ready(proc)
         proc.kill()  # no handler runs: the processes must notice on their own
         proc.wait()
-        _wait(lambda: all(_gone(pid) for pid in pids), "a server process outlived its supervisor", 60)
+        _wait(lambda: all(gone(pid) for pid in pids), "a server process outlived its supervisor", 60)
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{serve.url}/healthz", timeout=5)
     finally:

@@ -29,6 +29,7 @@ from orchestrator.uploader_process import UPLOADER_PROCESS_ENV, runs_uploader_th
 from sdk.manifest import sign_manifest
 from tests.conftest import free_port, storage_settings
 from tests.ledger_helpers import ledger_services
+from tests.proc_helpers import child_pids, gone
 from tests.test_dispatch import worker_env
 from tests.test_manifest import manifest
 
@@ -106,30 +107,6 @@ def test_the_outbox_backlog_is_a_gauge(svc: Services) -> None:
     assert scraped() == 0
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid and b"uploader" in cmdline:
-            out.append(int(entry.name))
-    return out
-
-
-def _gone(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return True
-    return state == "Z"  # exited; a container's pid 1 may not reap it
-
-
 def test_serve_runs_one_uploader_process_that_dies_with_it(tmp_path: Path) -> None:
     home = tmp_path / ".qai"
     svc = build_services(Settings(home=home))  # the embedded default: SQLite and a local directory
@@ -155,7 +132,7 @@ def test_serve_runs_one_uploader_process_that_dies_with_it(tmp_path: Path) -> No
                     pass
                 assert time.monotonic() < deadline and server.poll() is None, "qai serve did not start"
                 time.sleep(0.1)
-            children = _children(server.pid)
+            children = child_pids(server.pid, b"uploader")
             assert len(children) == 1, children  # one uploader process, whatever the worker count
             with httpx.Client(base_url=f"http://127.0.0.1:{port}",
                               headers={"Authorization": f"Bearer {token}"}) as c:
@@ -166,9 +143,9 @@ def test_serve_runs_one_uploader_process_that_dies_with_it(tmp_path: Path) -> No
             assert _pending(svc) == 0 and len(svc.objects.list("manifests/")) == 4
             os.kill(server.pid, signal.SIGKILL)  # no finally runs in qai serve: the child must notice
             server.wait()
-            while not _gone(children[0]) and time.monotonic() < deadline + 60:
+            while not gone(children[0]) and time.monotonic() < deadline + 60:
                 time.sleep(0.2)
-            assert _gone(children[0]), "the uploader outlived its server"
+            assert gone(children[0]), "the uploader outlived its server"
         finally:
             if server.poll() is None:
                 server.kill()
