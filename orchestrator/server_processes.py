@@ -60,6 +60,11 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+def _port_in_use(host: str, port: int, exc: OSError) -> QaiError:
+    return QaiError("serve.port_in_use", f"cannot listen on {host}:{port}: {exc.strerror}",
+                    details={"host": host, "port": port})
+
+
 def ensure_port_free(host: str, port: int) -> None:
     """Refuse a port something already listens on. Needed because ``SO_REUSEPORT`` sockets of the
     same user join a listening group rather than fail, so a second server would silently take a
@@ -69,8 +74,7 @@ def ensure_port_free(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as exc:
-            raise QaiError("serve.port_in_use", f"cannot listen on {host}:{port}: {exc.strerror}",
-                           details={"host": host, "port": port}) from exc
+            raise _port_in_use(host, port, exc) from exc
 
 
 def listening_sockets(host: str, port: int, count: int, backlog: int) -> list[socket.socket]:
@@ -87,8 +91,7 @@ def listening_sockets(host: str, port: int, count: int, backlog: int) -> list[so
     except OSError as exc:
         for sock in socks:
             sock.close()
-        raise QaiError("serve.port_in_use", f"cannot listen on {host}:{port}: {exc.strerror}",
-                       details={"host": host, "port": port}) from exc
+        raise _port_in_use(host, port, exc) from exc
     return socks
 
 
@@ -141,16 +144,15 @@ class _Supervisor:
         self.reload = False
         self.failed = False
 
-    def start(self, slot: _Slot) -> Any:
-        """Start a process on ``slot``'s socket; returns the event it sets once it serves."""
+    def start(self, slot: _Slot) -> None:
+        """Start a process on ``slot``'s socket (a fresh one if it has none)."""
         if slot.sock is None:
             slot.sock = listening_sockets(self.config.host, self.config.port, 1, self.config.backlog)[0]
-        slot.ready = ready = self.ctx.Event()
-        slot.proc = self.ctx.Process(target=_serve, args=(self.config, slot.sock, os.getpid(), ready),
+        slot.ready = self.ctx.Event()
+        slot.proc = self.ctx.Process(target=_serve, args=(self.config, slot.sock, os.getpid(), slot.ready),
                                      name="qai-serve")
         slot.proc.start()
         slot.started = time.monotonic()
-        return ready
 
     def on_stop(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = True
@@ -192,8 +194,8 @@ class _Supervisor:
             old = slot.proc
             if old is None or not old.is_alive() or self.stopping:
                 continue
-            ready = self.start(slot)
-            new = slot.proc
+            self.start(slot)
+            new, ready = slot.proc, slot.ready
             assert new is not None
             deadline = time.monotonic() + READY_SECONDS
             while not ready.wait(0.2):
