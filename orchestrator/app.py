@@ -134,6 +134,7 @@ def create_app(services: Services | None = None, components: Sequence[str] = COM
         from orchestrator.metrics import bind
 
         bind(app.state.services)
+        app.state.services.db.checkpoint_in_background()  # SQLite: no log checkpoint inside a request's commit
         if "ledger" in components:
             app.state.services.ledger.start()
         if {"jobs", "scheduler"} & set(components) and runs_uploader_thread(app.state.services.settings):

@@ -67,7 +67,17 @@ class Base(DeclarativeBase):
     pass
 
 
-def _configure_sqlite(engine: Engine) -> None:
+# SQLite checkpoints its write-ahead log (copies it back into the database file and syncs that)
+# at the end of the commit that grows it past this many pages: SQLite's default.
+SQLITE_AUTOCHECKPOINT_PAGES = 1000
+# With the log checkpointed on a thread of its own (Database.checkpoint_in_background), a commit
+# still checkpoints past this many pages (80 MB of 4 KiB pages): a backstop, should that thread
+# fall far behind, so the log stays bounded whatever happens to it.
+SQLITE_BACKSTOP_PAGES = 20_000
+WAL_CHECKPOINT_INTERVAL = 0.5  # seconds between background checkpoints
+
+
+def _configure_sqlite(engine: Engine, autocheckpoint: Callable[[], int]) -> None:
     # pysqlite's own transaction handling defers BEGIN and cannot take the write lock up front;
     # we switch it off and emit BEGIN ourselves (SQLAlchemy docs, "Serializable isolation").
     @event.listens_for(engine, "connect")
@@ -80,17 +90,27 @@ def _configure_sqlite(engine: Engine) -> None:
         cur.execute("PRAGMA busy_timeout=30000")
         cur.close()
 
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        # A per-connection setting that can change while the pool holds connections: applied when
+        # a connection is next handed out, so pooled connections follow too.
+        pages = autocheckpoint()
+        if record.info.get("wal_autocheckpoint") != pages:
+            dbapi_conn.execute(f"PRAGMA wal_autocheckpoint={int(pages)}")
+            record.info["wal_autocheckpoint"] = pages
+
     @event.listens_for(engine, "begin")
     def _begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if _immediate.get() else "BEGIN")
 
 
-def make_engine(url: str, *, schema: str | None = None, pool_size: int = 10,
-                ping_idle_seconds: float = 5.0) -> Engine:
-    """An engine for ``url``. ``schema`` pins PostgreSQL's search_path (used for test isolation)."""
+def make_engine(url: str, *, schema: str | None = None, pool_size: int = 10, ping_idle_seconds: float = 5.0,
+                autocheckpoint: Callable[[], int] = lambda: SQLITE_AUTOCHECKPOINT_PAGES) -> Engine:
+    """An engine for ``url``. ``schema`` pins PostgreSQL's search_path (used for test isolation);
+    ``autocheckpoint`` gives SQLite's ``wal_autocheckpoint`` for each connection handed out."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, autocheckpoint)
         return engine
     connect_args: dict[str, Any] = {}
     if schema:
@@ -157,7 +177,9 @@ class Database:
     def __init__(self, url: str, *, schema: str | None = None) -> None:
         self.url = url
         self.schema = schema
-        self.engine = make_engine(url, schema=schema)
+        self._autocheckpoint = SQLITE_AUTOCHECKPOINT_PAGES
+        self._wal_checkpointer: BackgroundLoop | None = None
+        self.engine = make_engine(url, schema=schema, autocheckpoint=lambda: self._autocheckpoint)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @property
@@ -218,7 +240,46 @@ class Database:
             raise QaiError("db.unreachable", "database is not reachable", status=503,
                            details={"reason": type(exc).__name__}) from exc
 
+    def checkpoint_in_background(self, interval: float = WAL_CHECKPOINT_INTERVAL) -> None:
+        """SQLite: checkpoint the write-ahead log on a thread of its own, no longer in commits.
+        PostgreSQL: nothing to do. Long-running processes (``qai serve``, the uploader) call this.
+
+        Why: SQLite checkpoints inside the call of the commit that grows the log past 1000 pages,
+        so that one caller waits for the copy into the database file and its fsync. A scheduler
+        decision puts its ~100 kB envelope in the outbox, so one decision in about 16 waited
+        5-8 ms more in its ledger append: 6 % of decisions, the whole p99 (docs/benchmarks.md).
+        A PASSIVE checkpoint here waits for no reader or writer, and the sqlite3 module releases
+        the GIL while it copies and syncs. Commits still checkpoint past
+        :data:`SQLITE_BACKSTOP_PAGES`, should this thread fall that far behind."""
+        if self.dialect != "sqlite" or self._wal_checkpointer is not None:
+            return
+        self._autocheckpoint = SQLITE_BACKSTOP_PAGES
+        self._wal_checkpointer = BackgroundLoop("sqlite-wal-checkpointer", self._checkpoint_step, interval)
+        self._wal_checkpointer.start()
+
+    def _checkpoint_step(self) -> None:
+        # Nothing to report to the loop: pages a reader still holds wait for the next interval.
+        self.checkpoint_wal()
+
+    def checkpoint_wal(self) -> tuple[int, int] | None:
+        """One PASSIVE checkpoint of SQLite's write-ahead log: (pages in the log, pages of it now in
+        the database file), or None on PostgreSQL. Never waits: pages a reader still needs stay."""
+        if self.dialect != "sqlite":
+            return None
+        raw = self.engine.raw_connection()  # autocommit (isolation_level None): no BEGIN around it
+        try:
+            cur = raw.cursor()
+            _busy, log_pages, done = cur.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            cur.close()
+        finally:
+            raw.close()
+        return int(log_pages), int(done)
+
     def dispose(self) -> None:
+        if self._wal_checkpointer is not None:
+            self._wal_checkpointer.close()
+            self._wal_checkpointer = None
+            self._autocheckpoint = SQLITE_AUTOCHECKPOINT_PAGES
         self.engine.dispose()
 
 

@@ -76,6 +76,7 @@ def run_uploader(settings: Settings, stop: threading.Event, *, parent: int | Non
     if settings.uploader_nice:
         os.nice(settings.uploader_nice)
     with _standalone_uploader(settings) as uploader:
+        uploader.db.checkpoint_in_background()  # stopped with the connection's disposal
         uploader.start()
         try:
             while not stop.wait(PARENT_POLL_SECONDS):

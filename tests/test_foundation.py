@@ -159,3 +159,84 @@ def test_a_served_app_freezes_its_start_up_heap(settings: Settings) -> None:
         gc.unfreeze()
         gc.set_threshold(*thresholds)
         svc.close()
+
+
+def _write_pages(db: Database, pages: int) -> None:
+    """Commit about ``pages`` 4 KiB pages of new rows, 100 at a time."""
+    from sqlalchemy import text
+
+    with db.write() as s:
+        s.execute(text("CREATE TABLE IF NOT EXISTS wal_probe (id INTEGER PRIMARY KEY, data BLOB)"))
+    for _ in range(pages // 100):
+        with db.write() as s:
+            s.execute(text("INSERT INTO wal_probe (data) VALUES (:d)"), {"d": os.urandom(100 * 4096)})
+
+
+def _autocheckpoint(db: Database) -> int:
+    from sqlalchemy import text
+
+    with db.read() as s:
+        return int(s.execute(text("PRAGMA wal_autocheckpoint")).scalar_one())
+
+
+def test_sqlite_log_checkpoints_run_on_a_thread_not_in_commits(tmp_path: Path, pg_db: Database) -> None:
+    """SQLite copies its write-ahead log back into the database file inside the commit that grows
+    the log past 1000 pages; a served process moves that work onto a thread of its own, and
+    commits keep only a far backstop."""
+    import threading
+    import time
+
+    from orchestrator.db import SQLITE_AUTOCHECKPOINT_PAGES, SQLITE_BACKSTOP_PAGES
+
+    page = 4096
+    inline = Database(f"sqlite:///{tmp_path / 'inline.db'}")  # SQLite's default: commits checkpoint
+    moved = Database(f"sqlite:///{tmp_path / 'moved.db'}")
+    try:
+        assert _autocheckpoint(moved) == SQLITE_AUTOCHECKPOINT_PAGES
+        # a long interval: the thread checkpoints once at start, then only when woken below
+        moved.checkpoint_in_background(interval=3600)
+        assert _autocheckpoint(moved) == SQLITE_BACKSTOP_PAGES  # pooled connections follow too
+        _write_pages(inline, 3000)
+        _write_pages(moved, 3000)
+        # inline: the log was checkpointed and restarted as it passed 1000 pages, so it never grew
+        # far past that, and the rows are in the database file
+        assert os.path.getsize(tmp_path / "inline.db-wal") < 1500 * page
+        assert os.path.getsize(tmp_path / "inline.db") > 2000 * page
+        # moved: no commit checkpointed; all 3000 pages are still in the log only
+        assert os.path.getsize(tmp_path / "moved.db-wal") > 3000 * page
+        assert os.path.getsize(tmp_path / "moved.db") < 1000 * page
+        assert moved._wal_checkpointer is not None
+        moved._wal_checkpointer.wake()
+        deadline = time.monotonic() + 60
+        while os.path.getsize(tmp_path / "moved.db") < 3000 * page and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.path.getsize(tmp_path / "moved.db") > 3000 * page  # the thread copied the log in
+        log_pages, done = moved.checkpoint_wal() or (0, -1)
+        assert log_pages == done  # nothing left behind
+        moved.dispose()
+        assert not any(t.name == "sqlite-wal-checkpointer" for t in threading.enumerate())
+        assert _autocheckpoint(moved) == SQLITE_AUTOCHECKPOINT_PAGES  # back to SQLite's own after disposal
+    finally:
+        inline.dispose()
+        moved.dispose()
+    # PostgreSQL checkpoints its own WAL: nothing to start
+    pg_db.checkpoint_in_background()
+    assert pg_db.checkpoint_wal() is None
+    assert not any(t.name == "sqlite-wal-checkpointer" for t in threading.enumerate())
+
+
+def test_a_served_app_checkpoints_sqlite_in_the_background(settings: Settings) -> None:
+    import httpx
+
+    from orchestrator.app import create_app
+    from orchestrator.db import SQLITE_BACKSTOP_PAGES
+    from orchestrator.services import build_services
+    from tests.conftest import LiveServer
+
+    svc = build_services(settings)
+    try:
+        with LiveServer(create_app(svc, components=("ledger",))) as srv:
+            assert httpx.get(f"{srv.url}/healthz").status_code == 200
+            assert _autocheckpoint(svc.db) == SQLITE_BACKSTOP_PAGES
+    finally:
+        svc.close()
