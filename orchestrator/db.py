@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -70,6 +71,7 @@ class Base(DeclarativeBase):
 # SQLite checkpoints its write-ahead log (copies it back into the database file and syncs that)
 # at the end of the commit that grows it past this many pages: SQLite's default.
 SQLITE_AUTOCHECKPOINT_PAGES = 1000
+SQLITE_BUSY_TIMEOUT_MS = 30_000  # how long a statement waits for a lock another connection holds
 # With the log checkpointed on a thread of its own (Database.checkpoint_in_background), a commit
 # still checkpoints past this many pages (80 MB of 4 KiB pages): a backstop, should that thread
 # fall far behind, so the log stays bounded whatever happens to it.
@@ -86,8 +88,16 @@ def _configure_sqlite(engine: Engine, autocheckpoint: Callable[[], int]) -> None
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
+        # Debian's SQLite is built with SECURE_DELETE: every freed page is zeroed, through the log.
+        # The outbox frees each envelope (a decision's is ~100 kB, 25 overflow pages) once it is in
+        # the object store, so the uploader's write held the write lock 5-15 ms, and the requests
+        # behind it waited (docs/benchmarks.md). FAST still zeroes what is deleted inside b-tree
+        # pages, for free, and leaves freed overflow pages as they are: envelope bytes, which the
+        # object store publishes anyway. No secret is stored in the clear here (keys are wrapped,
+        # tokens hashed).
+        cur.execute("PRAGMA secure_delete=FAST")
         cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cur.close()
 
     @event.listens_for(engine, "checkout")
@@ -101,7 +111,41 @@ def _configure_sqlite(engine: Engine, autocheckpoint: Callable[[], int]) -> None
 
     @event.listens_for(engine, "begin")
     def _begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if _immediate.get() else "BEGIN")
+        if not _immediate.get():
+            conn.exec_driver_sql("BEGIN")
+        elif not _poll_write_lock(conn.connection.driver_connection):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")  # still taken: SQLite's own wait, and its error
+
+
+# How long a write transaction polls for SQLite's write lock before it leaves the waiting to
+# SQLite's busy handler (busy_timeout, 30 s), and the longest sleep between two polls.
+SQLITE_LOCK_POLL_SECONDS = 0.05
+SQLITE_LOCK_POLL_MAX_SLEEP = 0.001
+
+
+def _poll_write_lock(raw: Any) -> bool:
+    """``BEGIN IMMEDIATE`` on the sqlite3 connection ``raw``, retried every 0.1-1 ms while another
+    connection (another thread, the uploader process) holds the write lock; False if it still
+    does after :data:`SQLITE_LOCK_POLL_SECONDS`.
+
+    Why not SQLite's busy handler alone: it sleeps 1, 2, 5, 10 ms ... between tries, so a writer
+    that finds the lock held for a few hundred microseconds resumes 1-8 ms later. Under the
+    scheduling benchmark that was one decision in 50, 3-8 ms more (docs/benchmarks.md)."""
+    raw.execute("PRAGMA busy_timeout=0")
+    try:
+        deadline = time.monotonic() + SQLITE_LOCK_POLL_SECONDS
+        pause = 0.0001
+        while True:
+            try:
+                raw.execute("BEGIN IMMEDIATE")
+                return True
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                    return False
+            time.sleep(pause)
+            pause = min(pause * 2, SQLITE_LOCK_POLL_MAX_SLEEP)
+    finally:
+        raw.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
 
 
 def make_engine(url: str, *, schema: str | None = None, pool_size: int = 10, ping_idle_seconds: float = 5.0,
@@ -109,7 +153,8 @@ def make_engine(url: str, *, schema: str | None = None, pool_size: int = 10, pin
     """An engine for ``url``. ``schema`` pins PostgreSQL's search_path (used for test isolation);
     ``autocheckpoint`` gives SQLite's ``wal_autocheckpoint`` for each connection handed out."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False,
+                                                  "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         _configure_sqlite(engine, autocheckpoint)
         return engine
     connect_args: dict[str, Any] = {}

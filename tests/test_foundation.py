@@ -240,3 +240,99 @@ def test_a_served_app_checkpoints_sqlite_in_the_background(settings: Settings) -
             assert _autocheckpoint(svc.db) == SQLITE_BACKSTOP_PAGES
     finally:
         svc.close()
+
+
+class _Busy:
+    """A stand-in for a sqlite3 connection whose write lock another connection holds for the first
+    ``busy`` tries of BEGIN IMMEDIATE."""
+
+    def __init__(self, busy: int, error: int | None = None) -> None:
+        import sqlite3
+
+        self.busy = busy
+        self.statements: list[str] = []
+        self.error = sqlite3.SQLITE_BUSY if error is None else error
+
+    def execute(self, sql: str) -> None:
+        import sqlite3
+
+        self.statements.append(sql)
+        if sql == "BEGIN IMMEDIATE" and self.busy:
+            self.busy -= 1
+            exc = sqlite3.OperationalError("database is locked")
+            exc.sqlite_errorcode = self.error  # type: ignore[attr-defined]
+            raise exc
+
+
+def test_a_write_transaction_polls_for_sqlites_write_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BEGIN IMMEDIATE retried after 0.1, 0.2, 0.4, 0.8, then every 1 ms, rather than after SQLite's
+    busy handler's 1, 2, 5, 10 ms; SQLite's own wait (and its error) once the poll window is over,
+    or at once for another error. The connection's busy timeout is restored either way."""
+    import sqlite3
+
+    from orchestrator import db as dbmod
+
+    pauses: list[float] = []
+    monkeypatch.setattr(dbmod.time, "sleep", pauses.append)
+    raw = _Busy(busy=6)
+    assert dbmod._poll_write_lock(raw) is True
+    assert pauses == pytest.approx([0.0001, 0.0002, 0.0004, 0.0008, 0.001, 0.001])
+    assert raw.statements == ["PRAGMA busy_timeout=0", *["BEGIN IMMEDIATE"] * 7, "PRAGMA busy_timeout=30000"]
+
+    clock = iter(range(0, 10_000, 1))  # seconds: the window is over after the first try
+    monkeypatch.setattr(dbmod.time, "monotonic", lambda: float(next(clock)))
+    held = _Busy(busy=100)
+    assert dbmod._poll_write_lock(held) is False  # the caller falls back to SQLite's busy handler
+    assert held.statements[-1] == "PRAGMA busy_timeout=30000"
+
+    other = _Busy(busy=1, error=sqlite3.SQLITE_READONLY)
+    assert dbmod._poll_write_lock(other) is False  # not a lock held: the plain BEGIN raises it
+    assert other.statements == ["PRAGMA busy_timeout=0", "BEGIN IMMEDIATE", "PRAGMA busy_timeout=30000"]
+
+
+def test_a_writer_waiting_for_the_lock_past_the_poll_window_still_gets_it(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real SQLite: the lock held by another connection through the poll window and beyond; the
+    second writer commits once it is released, its busy timeout back to 30 s."""
+    import threading
+
+    from sqlalchemy import text
+
+    from orchestrator import db as dbmod
+
+    monkeypatch.setattr(dbmod, "SQLITE_LOCK_POLL_SECONDS", 0.01)
+    db = Database(f"sqlite:///{tmp_path / 'lock.db'}")
+    try:
+        with db.write() as s:
+            s.execute(text("CREATE TABLE t (v INTEGER)"))
+        holding, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with db.write() as s:
+                s.execute(text("INSERT INTO t VALUES (1)"))
+                holding.set()
+                release.wait(30)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert holding.wait(30)
+        done: list[int] = []
+
+        def write() -> None:
+            with db.write() as s:
+                s.execute(text("INSERT INTO t VALUES (2)"))
+                done.append(int(s.execute(text("PRAGMA busy_timeout")).scalar_one()))
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        writer.join(0.3)  # well past the poll window: now in SQLite's busy handler
+        assert writer.is_alive() and not done
+        release.set()
+        holder.join(30)
+        writer.join(30)
+        assert done == [30_000]
+        with db.read() as s:
+            assert sorted(s.execute(text("SELECT v FROM t")).scalars()) == [1, 2]
+            assert s.execute(text("PRAGMA secure_delete")).scalar_one() == 2  # FAST (see _configure_sqlite)
+    finally:
+        db.dispose()

@@ -152,3 +152,18 @@ def test_serve_runs_one_uploader_process_that_dies_with_it(tmp_path: Path) -> No
                 server.wait()
     finally:
         svc.close()
+
+
+def test_the_uploader_loops_at_once_only_after_a_full_batch(svc: Services) -> None:
+    """Rows that came in since the last batch wait for the interval and go together, in one write:
+    on SQLite a write per commit held the lock the next request's commit waited for."""
+    from orchestrator.outbox import Uploader
+
+    svc.uploader.close()
+    _submit(svc, 5)
+    uploader = Uploader(svc.db, svc.objects, batch=2)
+    assert [uploader._step(), uploader._step()] == [True, True]  # full batches: more may be waiting
+    assert _pending(svc) == 1
+    assert uploader._step() is False  # one left, moved: the loop now waits its interval
+    assert _pending(svc) == 0 and len(svc.objects.list("manifests/")) == 5
+    assert uploader._step() is False  # nothing to do
