@@ -139,8 +139,8 @@ def _poll_write_lock(raw: Any) -> bool:
             try:
                 raw.execute("BEGIN IMMEDIATE")
                 return True
-            except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+            except sqlite3.Error as exc:  # any other error: the caller's BEGIN raises it, wrapped as usual
+                if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
                     return False
             time.sleep(pause)
             pause = min(pause * 2, SQLITE_LOCK_POLL_MAX_SLEEP)
