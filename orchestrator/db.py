@@ -123,7 +123,8 @@ SQLITE_LOCK_POLL_SECONDS = 0.05
 SQLITE_LOCK_POLL_MAX_SLEEP = 0.001
 
 
-def _poll_write_lock(raw: Any) -> bool:
+def _poll_write_lock(raw: Any, *, sleep: Callable[[float], None] = time.sleep,
+                     clock: Callable[[], float] = time.monotonic) -> bool:
     """``BEGIN IMMEDIATE`` on the sqlite3 connection ``raw``, retried every 0.1-1 ms while another
     connection (another thread, the uploader process) holds the write lock; False if it still
     does after :data:`SQLITE_LOCK_POLL_SECONDS`.
@@ -133,16 +134,16 @@ def _poll_write_lock(raw: Any) -> bool:
     scheduling benchmark that was one decision in 50, 3-8 ms more (docs/benchmarks.md)."""
     raw.execute("PRAGMA busy_timeout=0")
     try:
-        deadline = time.monotonic() + SQLITE_LOCK_POLL_SECONDS
+        deadline = clock() + SQLITE_LOCK_POLL_SECONDS
         pause = 0.0001
         while True:
             try:
                 raw.execute("BEGIN IMMEDIATE")
                 return True
             except sqlite3.Error as exc:  # any other error: the caller's BEGIN raises it, wrapped as usual
-                if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY or clock() > deadline:
                     return False
-            time.sleep(pause)
+            sleep(pause)
             pause = min(pause * 2, SQLITE_LOCK_POLL_MAX_SLEEP)
     finally:
         raw.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
@@ -299,7 +300,8 @@ class Database:
         if self.dialect != "sqlite" or self._wal_checkpointer is not None:
             return
         self._autocheckpoint = SQLITE_BACKSTOP_PAGES
-        self._wal_checkpointer = BackgroundLoop("sqlite-wal-checkpointer", self._checkpoint_step, interval)
+        self._wal_checkpointer = BackgroundLoop("sqlite-wal-checkpointer", self._checkpoint_step, interval,
+                                                wait_first=True)
         self._wal_checkpointer.start()
 
     def _checkpoint_step(self) -> None:

@@ -113,22 +113,24 @@ class Uploader:
 
     def run_once(self) -> int:
         """Upload one batch from each outbox; returns how many objects were moved."""
-        return sum(self._batches())
+        return sum(moved for _, moved in self._batches())
 
-    def _batches(self) -> list[int]:
+    def _batches(self) -> list[tuple[int, int]]:
         # One uploader at a time uploads (a database lock): the others would only repeat its writes.
         with self.db.try_lock("outbox-uploader") as mine:
             return [self._upload_batch(box) for box in OUTBOXES] if mine else []
 
     def _step(self) -> bool:
-        """The loop's step: again at once only if a batch came back full (more is waiting), else
+        """The loop's step: again at once only if a batch came back full (more is waiting) and
+        moved something (a store that refuses everything is retried after the interval), else
         after the interval. Why not again whenever something moved: the uploader then followed
         every commit with a write of its own, and on SQLite each write holds the database's write
         lock, which the next request's commit waited for (2-3 % of scheduler decisions, up to 8 ms
         more; docs/benchmarks.md). Per interval, the rows that accumulated go in one write."""
-        return any(moved >= self.batch for moved in self._batches())
+        return any(found >= self.batch and moved for found, moved in self._batches())
 
-    def _upload_batch(self, box: OutboxTable) -> int:
+    def _upload_batch(self, box: OutboxTable) -> tuple[int, int]:
+        """(rows read from ``box``, objects moved)."""
         t = box.clause
         key, path, digest, data = t.c[box.key], t.c[box.path], t.c[box.sha256], t.c[box.data]
         query = select(key, path, digest, data).where(box.pending())
@@ -168,7 +170,7 @@ class Uploader:
                     update(t).values({box.uploaded_at: utcnow(), box.data: None}))
             with self.db.write() as s:
                 s.connection().execute(done.where(key == bindparam("k"), box.pending()), moved)
-        return len(moved)
+        return len(rows), len(moved)
 
     def pending(self) -> int:
         """Objects in the outbox, in every table."""

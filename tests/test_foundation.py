@@ -183,7 +183,6 @@ def test_sqlite_log_checkpoints_run_on_a_thread_not_in_commits(tmp_path: Path, p
     """SQLite copies its write-ahead log back into the database file inside the commit that grows
     the log past 1000 pages; a served process moves that work onto a thread of its own, and
     commits keep only a far backstop."""
-    import threading
     import time
 
     from orchestrator.db import SQLITE_AUTOCHECKPOINT_PAGES, SQLITE_BACKSTOP_PAGES
@@ -193,8 +192,10 @@ def test_sqlite_log_checkpoints_run_on_a_thread_not_in_commits(tmp_path: Path, p
     moved = Database(f"sqlite:///{tmp_path / 'moved.db'}")
     try:
         assert _autocheckpoint(moved) == SQLITE_AUTOCHECKPOINT_PAGES
-        # a long interval: the thread checkpoints once at start, then only when woken below
+        # a long interval: the thread checkpoints only when woken below
         moved.checkpoint_in_background(interval=3600)
+        loop = moved._wal_checkpointer
+        assert loop is not None and loop.running
         assert _autocheckpoint(moved) == SQLITE_BACKSTOP_PAGES  # pooled connections follow too
         _write_pages(inline, 3000)
         _write_pages(moved, 3000)
@@ -205,8 +206,7 @@ def test_sqlite_log_checkpoints_run_on_a_thread_not_in_commits(tmp_path: Path, p
         # moved: no commit checkpointed; all 3000 pages are still in the log only
         assert os.path.getsize(tmp_path / "moved.db-wal") > 3000 * page
         assert os.path.getsize(tmp_path / "moved.db") < 1000 * page
-        assert moved._wal_checkpointer is not None
-        moved._wal_checkpointer.wake()
+        loop.wake()
         deadline = time.monotonic() + 60
         while os.path.getsize(tmp_path / "moved.db") < 3000 * page and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -214,15 +214,14 @@ def test_sqlite_log_checkpoints_run_on_a_thread_not_in_commits(tmp_path: Path, p
         log_pages, done = moved.checkpoint_wal() or (0, -1)
         assert log_pages == done  # nothing left behind
         moved.dispose()
-        assert not any(t.name == "sqlite-wal-checkpointer" for t in threading.enumerate())
+        assert not loop.running and moved._wal_checkpointer is None
         assert _autocheckpoint(moved) == SQLITE_AUTOCHECKPOINT_PAGES  # back to SQLite's own after disposal
     finally:
         inline.dispose()
         moved.dispose()
     # PostgreSQL checkpoints its own WAL: nothing to start
     pg_db.checkpoint_in_background()
-    assert pg_db.checkpoint_wal() is None
-    assert not any(t.name == "sqlite-wal-checkpointer" for t in threading.enumerate())
+    assert pg_db.checkpoint_wal() is None and pg_db._wal_checkpointer is None
 
 
 def test_a_served_app_checkpoints_sqlite_in_the_background(settings: Settings) -> None:
@@ -264,29 +263,27 @@ class _Busy:
             raise exc
 
 
-def test_a_write_transaction_polls_for_sqlites_write_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_write_transaction_polls_for_sqlites_write_lock() -> None:
     """BEGIN IMMEDIATE retried after 0.1, 0.2, 0.4, 0.8, then every 1 ms, rather than after SQLite's
     busy handler's 1, 2, 5, 10 ms; SQLite's own wait (and its error) once the poll window is over,
     or at once for another error. The connection's busy timeout is restored either way."""
     import sqlite3
 
-    from orchestrator import db as dbmod
+    from orchestrator.db import _poll_write_lock
 
     pauses: list[float] = []
-    monkeypatch.setattr(dbmod.time, "sleep", pauses.append)
     raw = _Busy(busy=6)
-    assert dbmod._poll_write_lock(raw) is True
+    assert _poll_write_lock(raw, sleep=pauses.append, clock=lambda: 0.0) is True
     assert pauses == pytest.approx([0.0001, 0.0002, 0.0004, 0.0008, 0.001, 0.001])
     assert raw.statements == ["PRAGMA busy_timeout=0", *["BEGIN IMMEDIATE"] * 7, "PRAGMA busy_timeout=30000"]
 
-    clock = iter(range(0, 10_000, 1))  # seconds: the window is over after the first try
-    monkeypatch.setattr(dbmod.time, "monotonic", lambda: float(next(clock)))
+    seconds = iter(range(10_000))  # the window is over after the first try
     held = _Busy(busy=100)
-    assert dbmod._poll_write_lock(held) is False  # the caller falls back to SQLite's busy handler
-    assert held.statements[-1] == "PRAGMA busy_timeout=30000"
+    assert _poll_write_lock(held, sleep=pauses.append, clock=lambda: float(next(seconds))) is False
+    assert held.statements[-1] == "PRAGMA busy_timeout=30000"  # the caller falls back to SQLite's wait
 
     other = _Busy(busy=1, error=sqlite3.SQLITE_READONLY)
-    assert dbmod._poll_write_lock(other) is False  # not a lock held: the plain BEGIN raises it
+    assert _poll_write_lock(other, sleep=pauses.append, clock=lambda: 0.0) is False  # the plain BEGIN raises it
     assert other.statements == ["PRAGMA busy_timeout=0", "BEGIN IMMEDIATE", "PRAGMA busy_timeout=30000"]
 
 
