@@ -223,9 +223,8 @@ class Database:
     def __init__(self, url: str, *, schema: str | None = None) -> None:
         self.url = url
         self.schema = schema
-        self._autocheckpoint = SQLITE_AUTOCHECKPOINT_PAGES
         self._wal_checkpointer: BackgroundLoop | None = None
-        self.engine = make_engine(url, schema=schema, autocheckpoint=lambda: self._autocheckpoint)
+        self.engine = make_engine(url, schema=schema, autocheckpoint=self._autocheckpoint)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @property
@@ -299,10 +298,14 @@ class Database:
         :data:`SQLITE_BACKSTOP_PAGES`, should this thread fall that far behind."""
         if self.dialect != "sqlite" or self._wal_checkpointer is not None:
             return
-        self._autocheckpoint = SQLITE_BACKSTOP_PAGES
         self._wal_checkpointer = BackgroundLoop("sqlite-wal-checkpointer", self._checkpoint_step, interval,
                                                 wait_first=True)
         self._wal_checkpointer.start()
+
+    def _autocheckpoint(self) -> int:
+        """The ``wal_autocheckpoint`` of connections handed out from now: the backstop while this
+        process checkpoints in the background, else SQLite's default."""
+        return SQLITE_AUTOCHECKPOINT_PAGES if self._wal_checkpointer is None else SQLITE_BACKSTOP_PAGES
 
     def _checkpoint_step(self) -> None:
         # Nothing to report to the loop: pages a reader still holds wait for the next interval.
@@ -326,7 +329,6 @@ class Database:
         if self._wal_checkpointer is not None:
             self._wal_checkpointer.close()
             self._wal_checkpointer = None
-            self._autocheckpoint = SQLITE_AUTOCHECKPOINT_PAGES
         self.engine.dispose()
 
 
