@@ -443,6 +443,15 @@ def resolve(svc: Services, ref: str = DEFAULT_ALIAS, name: str = MODEL_NAME) -> 
     return mv
 
 
+def points_at(svc: Services, version: int, ref: str = DEFAULT_ALIAS, name: str = MODEL_NAME) -> bool:
+    """Whether alias ``ref`` still names ``version``: one registry read, where :func:`resolve`
+    also reads the run and checks the ledger (about a third of its time). A server that holds
+    ``version``, verified when it loaded it, asks this every few seconds."""
+    _check_name(name)
+    entity = _version_entity(_client(svc.settings), name, ref)
+    return entity is not None and int(entity.version) == version
+
+
 def list_versions(svc: Services, name: str = MODEL_NAME) -> list[ModelVersion]:
     """Every ledgered version of ``name``, oldest first (none: an empty list)."""
     from mlflow.exceptions import MlflowException

@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -67,7 +67,10 @@ DECISION_ENTRY_TYPE: Literal["scheduler-decision"] = "scheduler-decision"
 SCHEDULER_KEY = "qai.scheduler"
 PREDICTION_FIELDS = ("method", "params", "shot_multiplier", "expected_fidelity", "confidence", "model_version",
                      "estimated_seconds")
-BACKENDS_TTL_SECONDS = 2.0  # the catalog and backlog a decision sees may be this old
+BACKENDS_TTL_SECONDS = 2.0  # the catalog and backlog are re-read, in the background, once this old
+# A catalog this old is re-read in the request that finds it (after an idle spell or a failed
+# background read); younger, a request uses it while a thread re-reads it.
+BACKENDS_MAX_AGE_SECONDS = 2 * BACKENDS_TTL_SECONDS
 QUBITS_CACHE_SIZE = 4096
 
 
@@ -256,34 +259,81 @@ class _Catalog:
 class Scheduler:
     """The per-process scheduler: caches the catalog briefly and the signing key's check."""
 
-    def __init__(self, svc: Services) -> None:
+    def __init__(self, svc: Services, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.svc = svc
+        self.clock = clock
         self._catalog: _Catalog | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the caches
+        self._reading = threading.Lock()  # held while the catalog is read
+        self._reader: threading.Thread | None = None  # the background read, if one runs
+        self._queued_meanwhile: list[tuple[tuple[str, str], float]] | None = None
         self._key: str | None = None
         self._qubits: OrderedDict[str, int] = OrderedDict()
 
     # ---------------------------------------------------------------------------------------- inputs
 
     def catalog(self) -> _Catalog:
+        """The backends and qai's backlog on them, as read at most ``BACKENDS_TTL_SECONDS`` ago
+        plus the time of a read. The read (the catalog and a join over every queued job, 3-4 ms
+        with a few hundred queued) would otherwise land on one decision in every TTL: it runs on
+        a thread while decisions use the catalog they have, stale-while-revalidate. Only a
+        catalog older than ``BACKENDS_MAX_AGE_SECONDS`` (none yet, an idle spell, a failed
+        background read) is read in the request, which then raises what the read raises."""
         cached = self._catalog
-        if cached is not None and time.monotonic() - cached.read_at < BACKENDS_TTL_SECONDS:
-            return cached
+        if cached is not None:
+            age = self.clock() - cached.read_at
+            if age < BACKENDS_TTL_SECONDS:
+                return cached
+            if age < BACKENDS_MAX_AGE_SECONDS:
+                if self._reading.acquire(blocking=False):
+                    self._reader = threading.Thread(target=self._read_in_background, daemon=True,
+                                                    name="scheduler-catalog")
+                    self._reader.start()
+                return cached
+        with self._reading:
+            cached = self._catalog  # a read may have finished while this one waited
+            if cached is not None and self.clock() - cached.read_at < BACKENDS_TTL_SECONDS:
+                return cached
+            return self._read()
+
+    def _read_in_background(self) -> None:
+        try:
+            self._read()
+        except Exception:  # the next request past the maximum age reads it again and raises
+            log.exception("reading the backend catalog failed; decisions use the one read before")
+        finally:
+            self._reading.release()
+
+    def _read(self) -> _Catalog:
+        """Read the catalog and backlog (the caller holds ``_reading``). Jobs this process queues
+        during the read are added to it, as they are to the catalog in use."""
         from harness.backends import list_backends
 
         with self._lock:
-            backends = list_backends(self.svc.db)
-            self._catalog = _Catalog(backends, self.backlog(), time.monotonic())
-            return self._catalog
+            self._queued_meanwhile = []
+        try:
+            backends, backlog = list_backends(self.svc.db), self.backlog()
+            with self._lock:
+                for key, seconds in self._queued_meanwhile:
+                    backlog[key] = backlog.get(key, 0.0) + seconds
+                self._catalog = _Catalog(backends, backlog, self.clock())
+                return self._catalog
+        finally:
+            with self._lock:
+                self._queued_meanwhile = None
 
     def _queued(self, backend_id: str, priority_class: str, seconds: float) -> None:
         """Count a job this process just queued in the cached backlog: the next decision sees it
-        at once; other processes' decisions and finished jobs show at the next refresh."""
+        at once; other processes' decisions and finished jobs show at the next read. A read in
+        progress may or may not see the job's row: it counts the job too (an estimate a job too
+        high for a TTL rather than one too low)."""
+        key = (backend_id, priority_class)
         with self._lock:
             cached = self._catalog
             if cached is not None:
-                key = (backend_id, priority_class)
                 cached.backlog[key] = cached.backlog.get(key, 0.0) + seconds
+            if self._queued_meanwhile is not None:
+                self._queued_meanwhile.append((key, seconds))
 
     def num_qubits(self, manifest: RunManifest, qasm: str) -> int:
         """Qubits of the job's circuit, parsed once per circuit digest (jobs resubmit circuits)."""

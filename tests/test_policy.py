@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -432,6 +433,41 @@ def test_a_circuit_on_a_snapshot_is_worked_out_once_per_model(trained: Services,
     assert len(checks) == sum(not isinstance(p, QaiError) or p.code == "em_policy.features_out_of_range"
                               for p in cold)
     assert answers(cold) == answers(first)
+
+
+def test_a_served_model_is_renewed_by_its_alias_alone_and_replaced_on_promotion(
+        trained: Services, data_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the TTL a server asks only which version the alias names (one registry read); the full
+    resolve (run, ledger) and the bundle load happen only when that version changed."""
+    from em_policy import registry
+    from em_policy.service import ALIAS_TTL_SECONDS, PolicyService
+    from em_policy.training import train_and_register
+
+    services = trained
+    assert train_and_register([str(data_path)], SMALL, quiet=True, svc=services)["promoted"]
+    service = PolicyService(services)
+    version, model = service.model()
+    assert version == "em-policy/1"
+    full: list[str] = []
+    resolve = registry.resolve
+    monkeypatch.setattr(registry, "resolve", lambda s, ref, *a: full.append(ref) or resolve(s, ref, *a))
+
+    def expire() -> None:
+        loaded = service._loaded
+        assert loaded is not None
+        service._loaded = dataclasses.replace(loaded, resolved_at=loaded.resolved_at - ALIAS_TTL_SECONDS)
+
+    expire()
+    assert service._resolve() == (version, model) and full == []  # same version: renewed, nothing re-read
+    assert service._loaded is not None and time.monotonic() - service._loaded.resolved_at < ALIAS_TTL_SECONDS
+    current = registry.resolve(services, "champion")
+    again = registry.register(services, registry.load_bundle(services, current), params={}, metrics=current.metrics,
+                              dataset_sha256=current.dataset_sha256, metadata={})
+    registry.promote(services, again.version)
+    full.clear()
+    expire()
+    new_version, new_model = service._resolve()
+    assert (new_version, full) == (f"em-policy/{again.version}", ["champion"]) and new_model is not model
 
 
 def result_methods(services: Services) -> list[str]:

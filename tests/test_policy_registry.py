@@ -23,6 +23,7 @@ from em_policy.registry import (
     artifact_location,
     list_versions,
     load_bundle,
+    points_at,
     promote,
     register,
     resolve,
@@ -162,8 +163,10 @@ def test_register_list_promote_resolve_and_load(svc: Services, mlflow_client: An
         "name": MODEL_NAME, "alias": "champion", "version": 1, "sha256": v1.sha256,
         "model_ledger_index": v1.ledger_index, "previous_version": None}
 
+    assert points_at(svc, 1) and not points_at(svc, 2) and points_at(svc, 2, "2") and not points_at(svc, 1, "nobody")
     p2 = promote(svc, 2)
     assert p2.version == 2 and p2.aliases == ("champion",) and resolve(svc) == p2
+    assert points_at(svc, 2) and not points_at(svc, 1)
     assert _statement(svc, start + 3)[1]["previous_version"] == 1
     assert list_versions(svc) == [v1, p2]
     size = svc.ledger.size()

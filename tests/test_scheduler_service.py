@@ -387,6 +387,67 @@ def test_bad_profiles_policies_and_manifests_are_refused_with_their_codes(ready:
     assert replay(services, decision.decision_id).ok
 
 
+def test_the_catalog_is_read_again_on_a_thread_once_stale(svc: Services,  # noqa: F811
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Stale-while-revalidate: a catalog past its TTL answers the request that finds it while a
+    thread reads it again; a job this process queues during that read is counted in the new one;
+    a failed read leaves the old catalog in use until it is too old, then the request reads it
+    and raises what the read raises."""
+    from harness.backends import import_catalog, set_status
+    from scheduler.service import BACKENDS_MAX_AGE_SECONDS, BACKENDS_TTL_SECONDS, Scheduler
+
+    import_catalog(svc.db)
+    now = [100.0]
+    sched = Scheduler(svc, clock=lambda: now[0])
+    first = sched.catalog()
+    backend = first.backends[0]["backend_id"]
+    set_status(svc.db, backend, "offline")
+
+    def status(cat: Any) -> str:
+        return str(next(b["status"] for b in cat.backends if b["backend_id"] == backend))
+
+    now[0] += BACKENDS_TTL_SECONDS - 0.01
+    assert sched.catalog() is first and sched._reader is None  # fresh: nothing is read
+
+    real_backlog = sched.backlog
+
+    def backlog_while_a_job_is_queued() -> dict[tuple[str, str], float]:
+        out = real_backlog()
+        sched._queued(backend, "standard", 7.0)  # one of this process's decisions lands during the read
+        return out
+
+    sched.backlog = backlog_while_a_job_is_queued  # type: ignore[method-assign]
+    now[0] += 0.02
+    assert sched.catalog() is first  # stale: answered at once from the catalog in use
+    reader = sched._reader
+    assert reader is not None
+    reader.join(timeout=60)
+    fresh = sched.catalog()
+    assert fresh is not first and status(fresh) == "offline" and status(first) == "online"
+    assert fresh.ahead_of(backend, "standard") == 7.0 == first.ahead_of(backend, "standard")
+    assert sched._queued_meanwhile is None
+
+    def failing_backlog() -> dict[tuple[str, str], float]:
+        raise QaiError("db.unavailable", "the database went away", status=503)
+
+    sched.backlog = failing_backlog  # type: ignore[method-assign]
+    now[0] = fresh.read_at + BACKENDS_TTL_SECONDS
+    assert sched.catalog() is fresh
+    assert sched._reader is not reader
+    sched._reader.join(timeout=60)
+    assert "reading the backend catalog failed" in caplog.text
+    assert sched.catalog() is fresh  # still within the maximum age: the last good read serves
+    sched._reader.join(timeout=60)
+    now[0] = fresh.read_at + BACKENDS_MAX_AGE_SECONDS
+    with pytest.raises(QaiError) as err:  # too old to use: read in the request, which gets the error
+        sched.catalog()
+    assert err.value.code == "db.unavailable"
+    sched.backlog = real_backlog  # type: ignore[method-assign]
+    set_status(svc.db, backend, "online")
+    inline = sched.catalog()
+    assert inline is not fresh and status(inline) == "online" and inline.read_at == now[0]
+
+
 def test_the_document_written_around_canonical_inputs_is_its_canonical_json() -> None:
     from hypothesis import given, settings
     from hypothesis import strategies as st
