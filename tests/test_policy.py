@@ -470,6 +470,36 @@ def test_a_served_model_is_renewed_by_its_alias_alone_and_replaced_on_promotion(
     assert (new_version, full) == (f"em-policy/{again.version}", ["champion"]) and new_model is not model
 
 
+def test_predictions_with_refusals_leave_no_cyclic_garbage(trained: Services, data_path: Path) -> None:
+    """A refusal kept with its traceback holds the frame that made the results, so every request,
+    prediction and alternative of the call waited for the cycle collector (2 ms pauses every few
+    decisions); without it they are freed when the call returns."""
+    import gc
+
+    from em_policy.api import policy_service
+    from em_policy.service import Alternative, Prediction, PredictRequest
+    from em_policy.training import train_and_register
+    from harness.catalog import catalog
+
+    assert train_and_register([str(data_path)], SMALL, quiet=True, svc=trained)["promoted"]
+    service = policy_service(trained)
+    reqs = [PredictRequest(qasm=GHZ3, backend_id=b.backend_id, shots=4000, shot_budget=400000) for b in catalog()]
+    for _ in range(2):  # cold (computed) and warm (remembered) refusals alike
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            answers = service.predict_each(reqs)
+            assert {type(a) for a in answers} == {Prediction, QaiError}  # some refused, some answered
+            assert all(a.__traceback__ is None for a in answers if isinstance(a, QaiError))
+            del answers
+            gc.collect()
+            left = [o for o in gc.garbage if isinstance(o, (Prediction, Alternative, PredictRequest, QaiError))]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        assert left == []
+
+
 def result_methods(services: Services) -> list[str]:
     return list(loads_champion(services).methods)
 
