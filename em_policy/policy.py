@@ -277,11 +277,18 @@ class PolicyModel:
         p_all = np.zeros((len(rows), len(self.methods)))
         for c, cls in enumerate(self.ranker.classes):
             p_all[:, index[cls]] = proba[:, c]
+        # The per-row choices read Python floats, converted once per matrix: the same doubles, so the
+        # same comparisons and values (checked against the indexing version over 53,017 rows), at
+        # 2.0-2.1 instead of 2.15-2.25 ms for 34 rows.
+        p_rows, fid_rows, std_rows, mult_rows = p_all.tolist(), fid.tolist(), spread.tolist(), mult.tolist()
+        ranks = [cost_rank(m) for m in self.methods]
         out = []
         for i, ratio in enumerate(ratios):
-            ok = [j for j, m in enumerate(self.methods) if mult[i, j] <= ratio * (1 + 1e-9)]
+            p_i, fid_i, std_i, mult_i = p_rows[i], fid_rows[i], std_rows[i], mult_rows[i]
+            limit = ratio * (1 + 1e-9)
+            ok = [j for j in range(len(self.methods)) if mult_i[j] <= limit]
             # the ranker's favourite within budget; the regressor's when the ranker gives them all 0
-            j = max(ok, key=lambda j: (p_all[i, j], fid[i, j], -cost_rank(self.methods[j])))
+            j = max(ok, key=lambda j: (p_i[j], fid_i[j], -ranks[j]))
             conf = float(self.confidence(p_all[i, j:j + 1], spread[i, j:j + 1], x[i:i + 1])[0])
             notes = list(warnings[i]) if warnings else []
             if out_of_range is not None and out_of_range[i]:
@@ -290,11 +297,10 @@ class PolicyModel:
                 notes.append("no history for this calibration snapshot: the decision rests on the circuit and "
                              "device features alone")
             alternatives: list[dict[str, Any]] = sorted(({
-                "method": m, "probability": float(p_all[i, k]), "expected_fidelity": float(fid[i, k]),
-                "fidelity_std": float(spread[i, k]), "shot_multiplier": float(mult[i, k]),
-                "within_budget": bool(k in ok)} for k, m in enumerate(self.methods) if k != j),
-                key=lambda a: (-float(a["probability"]), -float(a["expected_fidelity"]), str(a["method"])))
-            out.append(Decision(self.methods[j], float(mult[i, j]), float(fid[i, j]), conf, alternatives, notes))
+                "method": m, "probability": p_i[k], "expected_fidelity": fid_i[k], "fidelity_std": std_i[k],
+                "shot_multiplier": mult_i[k], "within_budget": k in ok} for k, m in enumerate(self.methods) if k != j),
+                key=lambda a: (-a["probability"], -a["expected_fidelity"], a["method"]))
+            out.append(Decision(self.methods[j], mult_i[j], fid_i[j], conf, alternatives, notes))
         return out
 
     def mitigate(self, rows: pd.DataFrame) -> Array:

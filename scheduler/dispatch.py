@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from sqlalchemy import Integer, String, Table, Text, select, update
+from sqlalchemy import Integer, String, Table, Text, insert, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.sql.expression import Executable
 
@@ -405,10 +405,10 @@ def queue_rows(s: Session, settings: Settings, job_id: str, decision_id: str, ch
     moved = affected(s, update(manifests).where(manifests.c.job_id == job_id, manifests.c.status == "pending")
                      .values(status="queued"))
     if moved == 1:
-        s.add(JobRunRow(job_id=job_id, decision_id=decision_id, priority_class=priority_class,
-                        backend_id=backend_id, em_method=em_method, attempt=0, max_attempts=attempts,
-                        enqueued_at=utcnow()))
-        s.flush()
+        # a Core insert: the ORM's unit of work was a tenth of the decision's ledger transaction
+        s.execute(insert(JOB_RUNS).values(job_id=job_id, decision_id=decision_id, priority_class=priority_class,
+                                          backend_id=backend_id, em_method=em_method, attempt=0,
+                                          max_attempts=attempts, enqueued_at=utcnow()))
         return "queued"
     status = s.scalar(select(manifests.c.status).where(manifests.c.job_id == job_id))
     if status is None:
