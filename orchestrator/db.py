@@ -421,27 +421,44 @@ class GroupCommit(Generic[T, R]):
     transaction and calls ``apply(session, items)``, which returns one result per item. A failed
     batch fails every future in it and commits nothing. Concurrent callers thus share commits,
     which is what makes hash chains and the ledger fast without giving up their single writer.
+
+    With ``caller_writes``, a caller that finds nothing queued and nothing being written writes
+    its own batch on its own thread, and ``submit`` returns a done future: for writers whose
+    callers wait for the result at once (the ledger), a lone write then costs no hand-off to the
+    writer thread and back (two thread wake-ups, 0.4 ms at the median and over 1 ms in the tail
+    of a scheduler decision's append). Batches never overlap either way: one lock covers each.
+    Not for callers that overlap their own work with the write (the KMS signs meanwhile).
     """
 
     def __init__(self, db: Database, lock: str, apply: Callable[[Session, list[T]], list[R]], *,
-                 name: str, max_batch: int = 1000) -> None:
+                 name: str, max_batch: int = 1000, caller_writes: bool = False) -> None:
         self.db = db
         self.lock = lock
         self.apply = apply
         self.name = name
         self.max_batch = max_batch
+        self.caller_writes = caller_writes
         self.after_commit: Callable[[list[R]], None] | None = None
         self._queue: queue.Queue[tuple[list[T], Future[list[R]]] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._writing = threading.Lock()  # held while a batch is written, by the thread or a caller
 
     def submit(self, items: Iterable[T]) -> Future[list[R]]:
         fut: Future[list[R]] = Future()
+        entry = (list(items), fut)
+        if self.caller_writes and self._writing.acquire(blocking=False):
+            try:
+                if self._queue.empty():  # nobody waits ahead of this batch: write it here
+                    self._write([entry])
+                    return fut
+            finally:
+                self._writing.release()
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
-            self._queue.put((list(items), fut))
+            self._queue.put(entry)
         return fut
 
     def close(self) -> None:
@@ -467,21 +484,26 @@ class GroupCommit(Generic[T, R]):
                     break
                 batch.append(nxt)
                 size += len(nxt[0])
+            with self._writing:
+                self._write(batch)
+
+    def _write(self, batch: list[tuple[list[T], Future[list[R]]]]) -> None:
+        """One transaction for ``batch``; the caller holds ``_writing``."""
+        try:
+            with self.db.write(lock=self.lock) as session:
+                results = self.apply(session, [x for items, _ in batch for x in items])
+        except BaseException as exc:
+            for _, fut in batch:
+                fut.set_exception(exc)
+            return
+        # The follow-up runs before the callers resume, so what it does (a checkpoint) is visible
+        # to them; its failure never fails the writes, which are committed.
+        if self.after_commit is not None:
             try:
-                with self.db.write(lock=self.lock) as session:
-                    results = self.apply(session, [x for items, _ in batch for x in items])
-            except BaseException as exc:
-                for _, fut in batch:
-                    fut.set_exception(exc)
-                continue
-            # The follow-up runs before the callers resume, so what it does (a checkpoint) is visible
-            # to them; its failure never fails the writes, which are committed.
-            if self.after_commit is not None:
-                try:
-                    self.after_commit(results)
-                except Exception:
-                    logging.getLogger(__name__).exception("%s: after-commit hook failed", self.name)
-            pos = 0
-            for items, fut in batch:
-                fut.set_result(results[pos:pos + len(items)])
-                pos += len(items)
+                self.after_commit(results)
+            except Exception:
+                logging.getLogger(__name__).exception("%s: after-commit hook failed", self.name)
+        pos = 0
+        for items, fut in batch:
+            fut.set_result(results[pos:pos + len(items)])
+            pos += len(items)

@@ -3,7 +3,8 @@
 * **Sequencing.** Appends go through a :class:`~orchestrator.db.GroupCommit` writer: everything
   queued in this process is appended in one transaction under the ``ledger`` writer lock (a
   PostgreSQL advisory lock; SQLite's write lock), so indices are gapless and unique across threads,
-  workers and processes, and concurrent callers share commits.
+  workers and processes, and concurrent callers share commits. An append that finds nothing queued
+  or being written is written on the caller's thread, without a hand-off to the writer thread.
 * **Storage.** Entries, every perfect subtree hash (``ledger_nodes``) and checkpoints live in three
   append-only tables (UPDATE/DELETE refused by triggers on both engines). A proof reads O(log n)
   stored nodes in one query; nothing ever recomputes the tree.
@@ -209,7 +210,8 @@ class Ledger:
         self.objects = objects
         self.config = config or LedgerConfig()
         self._writer: GroupCommit[LedgerEntry | LedgerWrite, list[IndexedEntry | BaseException]] = GroupCommit(
-            db, LEDGER_LOCK, self._apply, name="ledger-sequencer", max_batch=self.config.max_batch)
+            db, LEDGER_LOCK, self._apply, name="ledger-sequencer", max_batch=self.config.max_batch,
+            caller_writes=True)  # every caller waits for its append at once
         self._frontier: merkle.CompactRange | None = None  # after the last committed batch
         self._pending: merkle.CompactRange | None = None
         self._writer.after_commit = self._after_commit
@@ -223,7 +225,9 @@ class Ledger:
     # --- appending ------------------------------------------------------------------------------
 
     def submit(self, entries: Iterable[LedgerEntry | LedgerWrite]) -> Future[list[IndexedEntry | BaseException]]:
-        """Queue entries and writes; the future has one result per entry, writes' entries inline."""
+        """Queue entries and writes; the future has one result per entry, writes' entries inline.
+        When nothing is queued or being written, the write happens here, on the caller's thread,
+        and the future is done on return."""
         flat: Future[list[IndexedEntry | BaseException]] = Future()
         start = time.perf_counter()
 

@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import inspect
@@ -333,3 +334,54 @@ def test_a_writer_waiting_for_the_lock_past_the_poll_window_still_gets_it(tmp_pa
             assert s.execute(text("PRAGMA secure_delete")).scalar_one() == 2  # FAST (see _configure_sqlite)
     finally:
         db.dispose()
+
+
+def test_a_lone_group_commit_is_written_on_the_callers_thread(db: Database) -> None:
+    """``caller_writes``: with nothing queued or being written, the caller writes its own batch (the
+    future is done on return, nothing crossed to the writer thread); a failed one commits nothing;
+    while a batch is being written, later callers queue for the writer thread as before."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqlalchemy import select
+
+    from orchestrator.db import GroupCommit, insert_rows, utcnow
+    from orchestrator.models import Tenant
+
+    seen: list[tuple[str, list[str]]] = []
+    entered, gate = threading.Event(), threading.Event()
+
+    def apply(session: Any, items: list[str]) -> list[str]:
+        seen.append((threading.current_thread().name, list(items)))
+        insert_rows(session, Tenant.__table__, [{"name": f"t-{i}", "created_at": utcnow(), "crypto_policy": {}}
+                                                for i in items])
+        if "slow" in items:
+            entered.set()
+            assert gate.wait(30)
+        if "bad" in items:
+            raise QaiError("test.refused", "this batch is refused")
+        return [i.upper() for i in items]
+
+    writer: GroupCommit[str, str] = GroupCommit(db, "test-writer", apply, name="test-writer", caller_writes=True)
+    try:
+        here = threading.current_thread().name
+        first = writer.submit(["a"])
+        assert first.done() and first.result() == ["A"] and seen == [(here, ["a"])]
+        bad = writer.submit(["bad"])
+        assert bad.done() and isinstance(bad.exception(), QaiError) and seen[-1] == (here, ["bad"])
+        with ThreadPoolExecutor(1, thread_name_prefix="slow-caller") as pool:
+            slow = pool.submit(lambda: writer.submit(["slow"]).result())
+            assert entered.wait(30)
+            queued = [writer.submit([x]) for x in ("b", "c")]
+            assert not any(f.done() for f in queued)  # waiting behind the batch being written
+            gate.set()
+            assert slow.result(timeout=30) == ["SLOW"]
+            assert [f.result(timeout=30) for f in queued] == [["B"], ["C"]]
+        assert seen[2][0].startswith("slow-caller")
+        assert sorted(x for name, items in seen[3:] if name == "test-writer" for x in items) == ["b", "c"]
+        assert len(seen) <= 5
+    finally:
+        writer.close()
+    with db.read() as s:
+        names = set(s.scalars(select(Tenant.name).where(Tenant.name.like("t-%"))))
+    assert names == {"t-a", "t-slow", "t-b", "t-c"}  # the refused batch left nothing
