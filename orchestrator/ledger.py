@@ -3,8 +3,8 @@
 * **Sequencing.** Appends go through a :class:`~orchestrator.db.GroupCommit` writer: everything
   queued in this process is appended in one transaction under the ``ledger`` writer lock (a
   PostgreSQL advisory lock; SQLite's write lock), so indices are gapless and unique across threads,
-  workers and processes, and concurrent callers share commits. An append that finds nothing queued
-  or being written is written on the caller's thread, without a hand-off to the writer thread.
+  workers and processes, and concurrent callers share commits. ``append`` (a caller that waits)
+  writes on the caller's thread when nothing is queued or being written.
 * **Storage.** Entries, every perfect subtree hash (``ledger_nodes``) and checkpoints live in three
   append-only tables (UPDATE/DELETE refused by triggers on both engines). A proof reads O(log n)
   stored nodes in one query; nothing ever recomputes the tree.
@@ -210,8 +210,7 @@ class Ledger:
         self.objects = objects
         self.config = config or LedgerConfig()
         self._writer: GroupCommit[LedgerEntry | LedgerWrite, list[IndexedEntry | BaseException]] = GroupCommit(
-            db, LEDGER_LOCK, self._apply, name="ledger-sequencer", max_batch=self.config.max_batch,
-            caller_writes=True)  # every caller waits for its append at once
+            db, LEDGER_LOCK, self._apply, name="ledger-sequencer", max_batch=self.config.max_batch)
         self._frontier: merkle.CompactRange | None = None  # after the last committed batch
         self._pending: merkle.CompactRange | None = None
         self._writer.after_commit = self._after_commit
@@ -224,10 +223,11 @@ class Ledger:
 
     # --- appending ------------------------------------------------------------------------------
 
-    def submit(self, entries: Iterable[LedgerEntry | LedgerWrite]) -> Future[list[IndexedEntry | BaseException]]:
+    def submit(self, entries: Iterable[LedgerEntry | LedgerWrite], *, here: bool = False
+               ) -> Future[list[IndexedEntry | BaseException]]:
         """Queue entries and writes; the future has one result per entry, writes' entries inline.
-        When nothing is queued or being written, the write happens here, on the caller's thread,
-        and the future is done on return."""
+        ``here``: when nothing is queued or being written, write them on this thread (the future
+        is done on return; see :class:`~orchestrator.db.GroupCommit`)."""
         flat: Future[list[IndexedEntry | BaseException]] = Future()
         start = time.perf_counter()
 
@@ -238,13 +238,13 @@ class Ledger:
             except BaseException as exc:
                 flat.set_exception(exc)
 
-        self._writer.submit(entries).add_done_callback(done)
+        self._writer.submit(entries, here=here).add_done_callback(done)
         return flat
 
     def append(self, entries: Iterable[LedgerEntry | LedgerWrite]) -> list[IndexedEntry]:
         """Append and wait for the commit; raises the first write's error, if any failed."""
         out = []
-        for r in self.submit(entries).result():
+        for r in self.submit(entries, here=True).result():
             if isinstance(r, BaseException):
                 raise r
             out.append(r)

@@ -337,9 +337,10 @@ def test_a_writer_waiting_for_the_lock_past_the_poll_window_still_gets_it(tmp_pa
 
 
 def test_a_lone_group_commit_is_written_on_the_callers_thread(db: Database) -> None:
-    """``caller_writes``: with nothing queued or being written, the caller writes its own batch (the
-    future is done on return, nothing crossed to the writer thread); a failed one commits nothing;
-    while a batch is being written, later callers queue for the writer thread as before."""
+    """``submit(here=True)``: with nothing queued or being written, the caller writes its own batch
+    (the future is done on return, nothing crossed to the writer thread); a failed one commits
+    nothing; while a batch is being written, later callers queue for the writer thread as before,
+    and so does every caller without ``here``."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -362,17 +363,17 @@ def test_a_lone_group_commit_is_written_on_the_callers_thread(db: Database) -> N
             raise QaiError("test.refused", "this batch is refused")
         return [i.upper() for i in items]
 
-    writer: GroupCommit[str, str] = GroupCommit(db, "test-writer", apply, name="test-writer", caller_writes=True)
+    writer: GroupCommit[str, str] = GroupCommit(db, "test-writer", apply, name="test-writer")
     try:
         here = threading.current_thread().name
-        first = writer.submit(["a"])
+        first = writer.submit(["a"], here=True)
         assert first.done() and first.result() == ["A"] and seen == [(here, ["a"])]
-        bad = writer.submit(["bad"])
+        bad = writer.submit(["bad"], here=True)
         assert bad.done() and isinstance(bad.exception(), QaiError) and seen[-1] == (here, ["bad"])
         with ThreadPoolExecutor(1, thread_name_prefix="slow-caller") as pool:
-            slow = pool.submit(lambda: writer.submit(["slow"]).result())
+            slow = pool.submit(lambda: writer.submit(["slow"], here=True).result())
             assert entered.wait(30)
-            queued = [writer.submit([x]) for x in ("b", "c")]
+            queued = [writer.submit([x], here=True) for x in ("b", "c")]
             assert not any(f.done() for f in queued)  # waiting behind the batch being written
             gate.set()
             assert slow.result(timeout=30) == ["SLOW"]
@@ -380,8 +381,10 @@ def test_a_lone_group_commit_is_written_on_the_callers_thread(db: Database) -> N
         assert seen[2][0].startswith("slow-caller")
         assert sorted(x for name, items in seen[3:] if name == "test-writer" for x in items) == ["b", "c"]
         assert len(seen) <= 5
+        queued = [writer.submit([x]) for x in ("d",)]  # without here: the writer thread, as ever
+        assert queued[0].result(timeout=30) == ["D"] and seen[-1] == ("test-writer", ["d"])
     finally:
         writer.close()
     with db.read() as s:
         names = set(s.scalars(select(Tenant.name).where(Tenant.name.like("t-%"))))
-    assert names == {"t-a", "t-slow", "t-b", "t-c"}  # the refused batch left nothing
+    assert names == {"t-a", "t-slow", "t-b", "t-c", "t-d"}  # the refused batch left nothing
