@@ -428,8 +428,8 @@ class GroupCommit(Generic[T, R]):
     over 1 ms in the tail of a scheduler decision's ledger append). Batches never overlap either
     way: one lock covers each. Not for streams of concurrent writes (job ingest): a batch written
     by its caller holds one write, where the writer thread would have grouped the writes that
-    arrive meanwhile (single-job ingest p99 under load rose from 65-114 to 98-136 ms with every
-    append written here when it could be).
+    arrive meanwhile (with every ledger write done here when it could be, single-job ingest p99
+    under load was 98-136 ms against 65-114 ms, four alternated runs each).
     """
 
     def __init__(self, db: Database, lock: str, apply: Callable[[Session, list[T]], list[R]], *,
