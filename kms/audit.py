@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Table, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from kms.models import KmsAuditRecord
@@ -59,7 +60,7 @@ def chain_hash(prev_hash: str, fields: dict[str, Any]) -> str:
     return hashlib.sha256(bytes.fromhex(prev_hash) + canonical_json(fields)).hexdigest()
 
 
-def append(session: Session, events: Iterable[AuditEvent], *, at: datetime | None = None) -> str:
+def append(session: Session | Connection, events: Iterable[AuditEvent], *, at: datetime | None = None) -> str:
     """Append ``events`` inside the caller's write transaction; return the new chain head.
 
     The caller must hold the writer lock (``Database.write(lock=AUDIT_LOCK)``) so that no other
@@ -95,11 +96,11 @@ class AuditWriter:
 
     def __init__(self, db: Database, *, max_batch: int = 1000) -> None:
         self._writer: GroupCommit[AuditEvent, str] = GroupCommit(
-            db, AUDIT_LOCK, self._apply, name="kms-audit-writer", max_batch=max_batch)
+            db, AUDIT_LOCK, self._apply, name="kms-audit-writer", max_batch=max_batch, core=True)
 
     @staticmethod
-    def _apply(session: Session, events: list[AuditEvent]) -> list[str]:
-        head = append(session, events)
+    def _apply(conn: Connection, events: list[AuditEvent]) -> list[str]:
+        head = append(conn, events)
         return [head] * len(events)
 
     def submit(self, events: Iterable[AuditEvent]) -> Future[str]:

@@ -388,3 +388,26 @@ def test_a_lone_group_commit_is_written_on_the_callers_thread(db: Database) -> N
     with db.read() as s:
         names = set(s.scalars(select(Tenant.name).where(Tenant.name.like("t-%"))))
     assert names == {"t-a", "t-slow", "t-b", "t-c", "t-d"}  # the refused batch left nothing
+
+
+def test_a_core_write_transaction_commits_or_rolls_back_as_a_whole(db: Database) -> None:
+    """``Database.write_connection``: a write transaction on a Core connection (the KMS audit
+    writer's), with the same write lock as ``write``, released on either outcome."""
+    from sqlalchemy import select
+
+    from orchestrator.db import insert_rows, utcnow
+    from orchestrator.models import Tenant
+
+    def row(name: str) -> dict[str, Any]:
+        return {"name": name, "created_at": utcnow(), "crypto_policy": {}}
+
+    with db.write_connection(lock="test-core") as conn:
+        insert_rows(conn, Tenant.__table__, [row("core-1"), row("core-2")])
+    with pytest.raises(RuntimeError), db.write_connection(lock="test-core") as conn:
+        insert_rows(conn, Tenant.__table__, [row("core-3")])
+        raise RuntimeError("fails after its insert")
+    with db.write(lock="test-core") as s:  # the lock was released: the next writer gets it
+        insert_rows(s, Tenant.__table__, [row("core-4")])
+    with db.read() as s:
+        names = set(s.scalars(select(Tenant.name).where(Tenant.name.like("core-%"))))
+    assert names == {"core-1", "core-2", "core-4"}
