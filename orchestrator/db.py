@@ -433,7 +433,8 @@ class GroupCommit(Generic[T, R]):
 
     ``submit(items)`` queues items and returns a future of their results. The writer thread takes
     everything queued at that moment (up to ``max_batch`` items) into one ``db.write(lock=lock)``
-    transaction and calls ``apply(session, items)``, which returns one result per item. A failed
+    transaction and calls ``apply(session, items)``, which returns one result per item (with
+    ``core``, ``db.write_connection`` and ``apply(connection, items)``). A failed
     batch fails every future in it and commits nothing. Concurrent callers thus share commits,
     which is what makes hash chains and the ledger fast without giving up their single writer.
 
