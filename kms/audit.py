@@ -63,8 +63,8 @@ def chain_hash(prev_hash: str, fields: dict[str, Any]) -> str:
 def append(session: Session | Connection, events: Iterable[AuditEvent], *, at: datetime | None = None) -> str:
     """Append ``events`` inside the caller's write transaction; return the new chain head.
 
-    The caller must hold the writer lock (``Database.write(lock=AUDIT_LOCK)``) so that no other
-    writer reads the same head.
+    The caller must hold the writer lock (``Database.write(lock=AUDIT_LOCK)`` or
+    ``Database.write_connection(lock=AUDIT_LOCK)``) so that no other writer reads the same head.
     """
     last = session.execute(
         select(KmsAuditRecord.seq, KmsAuditRecord.record_hash)

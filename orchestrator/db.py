@@ -246,8 +246,7 @@ class Database:
         token = _immediate.set(True)
         try:
             with self.sessions() as session, session.begin():
-                if lock is not None and self.dialect == "postgresql":
-                    session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(lock)})
+                self._hold(session, lock)
                 yield session
         finally:
             _immediate.reset(token)
@@ -261,11 +260,16 @@ class Database:
         token = _immediate.set(True)
         try:
             with self.engine.begin() as conn:
-                if lock is not None and self.dialect == "postgresql":
-                    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(lock)})
+                self._hold(conn, lock)
                 yield conn
         finally:
             _immediate.reset(token)
+
+    def _hold(self, tx: Session | Connection, lock: str | None) -> None:
+        """Take writer lock ``lock`` for the rest of ``tx``: a PostgreSQL transaction advisory lock;
+        on SQLite the transaction's ``BEGIN IMMEDIATE`` already holds the database's write lock."""
+        if lock is not None and self.dialect == "postgresql":
+            tx.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(lock)})
 
     @contextmanager
     def try_lock(self, name: str) -> Iterator[bool]:
