@@ -22,7 +22,18 @@ from em_policy.bundle import dumps, loads
 from em_policy.dataset import load
 from em_policy.evaluate import ece
 from em_policy.mlqem import MLQEM
-from em_policy.policy import BUDGET_RATIOS, TrainConfig, achieved, best_method, fit, oracle, prepare
+from em_policy.policy import (
+    BUDGET_RATIOS,
+    POLICY_FEATURES,
+    TrainConfig,
+    achieved,
+    best_method,
+    budget_feature,
+    fit,
+    matrix,
+    oracle,
+    prepare,
+)
 from harness.catalog import catalog_snapshot
 from orchestrator.app import create_app
 from orchestrator.auth import Role, issue_token
@@ -173,6 +184,25 @@ def test_validation_and_metadata(fitted: Any) -> None:
     assert meta["training_shots"] > 0 and meta["amortized_training_shots"] == meta["training_shots"] / 10_000
     lo, hi = fitted.model.ranges["dev_2q_error"]
     assert 0 < lo < hi < 0.2
+
+
+def test_the_confidence_of_a_row_is_the_same_alone_and_in_any_batch(fitted: Any) -> None:
+    # decide() scores every row's chosen method in one call: a row's confidence must not depend on
+    # the rows asked with it (the scheduler asks about 50 backends at once, the REST batch any mix).
+    model = fitted.model
+    keys, records = fitted.prep.groups.index[:60], fitted.prep.groups.iloc[:60].to_dict("records")
+    rows = [model.with_history(r, str(k[2])) for k, r in zip(keys, records, strict=True)]
+    x = np.column_stack([matrix(rows, POLICY_FEATURES[:-1]), [budget_feature(BUDGET_RATIOS[i % len(BUDGET_RATIOS)])
+                                                              for i in range(len(rows))]])
+    p = model.ranker.proba(x)[:, 0]
+    spread = model.regressor.predict(x[:, :-1])[1][:, 0]
+    alone = [float(model.confidence(p[i:i + 1], spread[i:i + 1], x[i:i + 1])[0]) for i in range(len(rows))]
+    for size in (2, 7, 34, 60):
+        batched = [c for start in range(0, len(rows), size)
+                   for c in model.confidence(p[start:start + size], spread[start:start + size],
+                                             x[start:start + size]).tolist()]
+        assert batched == alone  # exact: == on floats
+    assert len(set(alone)) > 10 and all(0 < c < 1 for c in alone)  # the rows differ: the comparison means something
 
 
 def test_out_of_range_features_warn_or_are_refused(fitted: Any) -> None:
