@@ -31,7 +31,7 @@ from sdk.errors import QaiError
 from sdk.ledger import SYSTEM_TENANT, LedgerEntry
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
+    from sqlalchemy.engine import Connection
 
     from orchestrator.services import Services
 
@@ -177,7 +177,7 @@ def persist_run(svc: Services, config: RunConfig, rows: Sequence[dict[str, Any]]
     entry = LedgerEntry(type=DATASET_ENTRY_TYPE, sha256=hashlib.sha256(envelope).hexdigest(), path=manifest_path,
                         tenant=SYSTEM_TENANT, time=now)
 
-    def before(session: Session, first_index: int) -> None:
+    def before(session: Connection, first_index: int) -> None:
         """The run's rows, in the ledger entry's transaction."""
         from harness.models import EM_RESULTS, HARNESS_RUNS
         from orchestrator.db import insert_rows

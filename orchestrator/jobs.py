@@ -23,7 +23,8 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import LargeBinary, String, Table, Text, select
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.types import BigInteger, Integer
 
 from orchestrator import metrics
@@ -144,7 +145,7 @@ def _store_rows(accepted: Sequence[_Accepted]) -> LedgerWrite:
     """The ledger write of a batch: the index rows of the jobs not stored yet, in bulk, each with
     the index its ledger entry will get."""
 
-    def claim(s: Session, first: int) -> list[BaseException | None]:
+    def claim(s: Connection, first: int) -> list[BaseException | None]:
         # Runs under the ledger lock, and only ledger writes insert manifests rows: what this query
         # finds is all a concurrent submission of the same job can have stored.
         taken = set(s.scalars(select(ManifestRow.job_id).where(ManifestRow.job_id.in_([a.job_id for a in accepted]))))

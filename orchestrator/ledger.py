@@ -28,6 +28,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import BigInteger, LargeBinary, String, Table, Text, func, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from kms.remote import KeyService
@@ -102,7 +103,9 @@ def _indexed(row: LedgerEntryRow) -> IndexedEntry:
 class LedgerWrite:
     """Entries plus the caller's own rows for them, written in the entries' transaction.
 
-    ``before(session, first)`` runs first, in a savepoint, and writes the caller's rows in bulk.
+    ``before(connection, first)`` runs first, in a savepoint, and writes the caller's rows in bulk
+    with Core statements (the ledger's transaction is a Core connection: the ORM session's
+    machinery was a third of a scheduler decision's append; docs/benchmarks.md).
     It returns, per entry, ``None`` to append it or the exception that rejects it (a duplicate key,
     say), having written nothing for a rejected entry; returning ``None`` instead of a list accepts
     them all. The accepted entries get the indices ``first``, ``first + 1``, … in order, so the
@@ -112,8 +115,8 @@ class LedgerWrite:
     """
 
     entries: Sequence[LedgerEntry]
-    before: Callable[[Session, int], Sequence[BaseException | None] | None] | None = None
-    after: Callable[[Session, Sequence[IndexedEntry]], None] | None = None
+    before: Callable[[Connection, int], Sequence[BaseException | None] | None] | None = None
+    after: Callable[[Connection, Sequence[IndexedEntry]], None] | None = None
 
 
 def system_key(db: Database, kms: KeyService, name: str, *, suite: str, subject: str) -> KeyDocument:
@@ -153,12 +156,12 @@ class LedgerConfig:
     max_batch: int = 2000
 
 
-def tree_size(session: Session) -> int:
+def tree_size(session: Session | Connection) -> int:
     last = session.scalar(select(func.max(LedgerEntryRow.idx)))
     return 0 if last is None else int(last) + 1
 
 
-def read_nodes(session: Session, nodes: Iterable[merkle.Node]) -> dict[merkle.Node, bytes]:
+def read_nodes(session: Session | Connection, nodes: Iterable[merkle.Node]) -> dict[merkle.Node, bytes]:
     ids = [node_id(n) for n in nodes]
     if not ids:
         return {}
@@ -171,12 +174,12 @@ def read_nodes(session: Session, nodes: Iterable[merkle.Node]) -> dict[merkle.No
     return found
 
 
-def append_entries(session: Session, entries: Sequence[LedgerEntry]) -> list[IndexedEntry]:
+def append_entries(session: Session | Connection, entries: Sequence[LedgerEntry]) -> list[IndexedEntry]:
     """Append ``entries`` in the caller's write transaction, which holds :data:`LEDGER_LOCK`."""
     return _append(session, entries, None)[0]
 
 
-def _append(session: Session, entries: Sequence[LedgerEntry], frontier: merkle.CompactRange | None,
+def _append(session: Session | Connection, entries: Sequence[LedgerEntry], frontier: merkle.CompactRange | None,
             size: int | None = None) -> tuple[list[IndexedEntry], merkle.CompactRange]:
     """Append and return the new compact range. ``frontier``, this process's compact range after
     its previous batch, is used only when no other writer appended since (same size): that saves
@@ -210,7 +213,7 @@ class Ledger:
         self.objects = objects
         self.config = config or LedgerConfig()
         self._writer: GroupCommit[LedgerEntry | LedgerWrite, list[IndexedEntry | BaseException]] = GroupCommit(
-            db, LEDGER_LOCK, self._apply, name="ledger-sequencer", max_batch=self.config.max_batch)
+            db, LEDGER_LOCK, self._apply, name="ledger-sequencer", max_batch=self.config.max_batch, core=True)
         self._frontier: merkle.CompactRange | None = None  # after the last committed batch
         self._pending: merkle.CompactRange | None = None
         self._writer.after_commit = self._after_commit
@@ -263,19 +266,19 @@ class Ledger:
                             time=at or utcnow())
         return self.append([entry])[0]
 
-    def _apply(self, session: Session, items: list[LedgerEntry | LedgerWrite]
+    def _apply(self, conn: Connection, items: list[LedgerEntry | LedgerWrite]
                ) -> list[list[IndexedEntry | BaseException]]:
         """One result list per item: an entry's index, or the exception that rejected it."""
         writes = [i if isinstance(i, LedgerWrite) else LedgerWrite([i]) for i in items]
         results: list[list[IndexedEntry | BaseException | None]] = [[None] * len(w.entries) for w in writes]
         accepted: list[tuple[int, int]] = []  # (write, entry) in append order
-        size = tree_size(session)  # we hold the ledger lock: indices from here on are ours
+        size = tree_size(conn)  # we hold the ledger lock: indices from here on are ours
         for pos, w in enumerate(writes):
             verdicts: Sequence[BaseException | None] | None = None
             if w.before is not None:
                 try:
-                    with session.begin_nested():
-                        verdicts = w.before(session, size + len(accepted))
+                    with conn.begin_nested():
+                        verdicts = w.before(conn, size + len(accepted))
                     if verdicts is not None and len(verdicts) != len(w.entries):
                         raise ValueError(f"before() gave {len(verdicts)} verdicts for {len(w.entries)} entries")
                 except Exception as exc:  # this write alone fails; the batch goes on
@@ -287,7 +290,7 @@ class Ledger:
                     accepted.append((pos, k))
                 else:
                     results[pos][k] = verdict
-        out, self._pending = _append(session, [writes[p].entries[k] for p, k in accepted], self._frontier, size)
+        out, self._pending = _append(conn, [writes[p].entries[k] for p, k in accepted], self._frontier, size)
         appended: dict[int, list[IndexedEntry]] = {}
         for (pos, k), indexed in zip(accepted, out, strict=True):
             results[pos][k] = indexed
@@ -295,7 +298,7 @@ class Ledger:
         for pos, entries in appended.items():
             after = writes[pos].after
             if after is not None:
-                after(session, entries)
+                after(conn, entries)
         return [[r for r in per_item if r is not None] for per_item in results]
 
     def _after_commit(self, results: list[list[IndexedEntry | BaseException]]) -> None:

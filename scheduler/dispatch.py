@@ -59,6 +59,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from sqlalchemy import Integer, String, Table, Text, insert, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.sql.expression import Executable
 
@@ -130,7 +131,7 @@ def _manifests() -> Table:
     return MANIFESTS
 
 
-def affected(session: Session, statement: Executable) -> int:
+def affected(session: Session | Connection, statement: Executable) -> int:
     """Rows an UPDATE changed: how every guarded transition here learns whether it won."""
     return int(cast("CursorResult[Any]", session.execute(statement)).rowcount)
 
@@ -393,7 +394,7 @@ def dispatch(svc: Services, job_id: str, decision_id: str, chosen: Mapping[str, 
         deliver(svc, job_id, priority_class)
 
 
-def queue_rows(s: Session, settings: Settings, job_id: str, decision_id: str, chosen: Mapping[str, Any],
+def queue_rows(s: Session | Connection, settings: Settings, job_id: str, decision_id: str, chosen: Mapping[str, Any],
                priority_class: str, *, max_attempts: int | None = None) -> str:
     """The database half of :func:`dispatch`, in the caller's transaction (the scheduler writes it
     with the decision, so a decision that chose a backend and a queued job commit together).
@@ -413,8 +414,8 @@ def queue_rows(s: Session, settings: Settings, job_id: str, decision_id: str, ch
     status = s.scalar(select(manifests.c.status).where(manifests.c.job_id == job_id))
     if status is None:
         raise QaiError("job.not_found", f"no job {job_id}", status=404, details={"job_id": job_id})
-    run = s.get(JobRunRow, job_id)
-    if run is None or run.decision_id != decision_id:
+    run_decision = s.scalar(select(JOB_RUNS.c.decision_id).where(JOB_RUNS.c.job_id == job_id))
+    if run_decision != decision_id:
         raise QaiError("dispatch.bad_status", f"job {job_id} is {status}; only pending jobs are dispatched",
                        status=409, details={"job_id": job_id, "status": status})
     return str(status)

@@ -29,7 +29,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import Float, ForeignKey, String, func, select
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.types import BigInteger
 
 from orchestrator import metrics
@@ -509,16 +510,16 @@ class Scheduler:
         # ledgered under the signer's tenant (the auditor checks the two agree); the row keeps the job's
         entry = LedgerEntry(type=DECISION_ENTRY_TYPE, sha256=digest, path=path, tenant=SYSTEM_TENANT, time=now)
 
-        def before(session: Session, first: int) -> None:
+        def before(conn: Connection, first: int) -> None:
             # Under the ledger lock, like every decision's insert: a concurrent call for the same job
             # that got here first makes this one write nothing.
             if chosen is not None:
-                taken = session.scalar(select(DecisionRow.id).where(DecisionRow.job_id == row.job_id,
+                taken = conn.scalar(select(DecisionRow.id).where(DecisionRow.job_id == row.job_id,
                                                                     DecisionRow.chosen_backend.is_not(None)).limit(1))
                 if taken is not None:
                     raise QaiError("scheduler.already_scheduled", f"job {row.job_id} has decision {taken}",
                                    status=409, details={"decision_id": taken, "job_id": row.job_id})
-            insert_rows(session, DecisionRow.__table__, [{  # type: ignore[arg-type]
+            insert_rows(conn, DecisionRow.__table__, [{  # type: ignore[arg-type]
                 "id": decision_id, "job_id": row.job_id, "tenant": row.tenant,
                 "chosen_backend": chosen and chosen["backend_id"],
                 "calibration_snapshot_id": chosen and chosen["calibration_snapshot_id"],
@@ -527,11 +528,11 @@ class Scheduler:
                 "decision_manifest_path": path, "decision_sha256": digest, "ledger_index": first, "created_at": now}])
             # the envelope goes to the object store from the outbox, after this commit: an S3
             # round trip here would be most of a decision's latency
-            insert_rows(session, OBJECT_OUTBOX, [{"path": path, "sha256": digest, "data": data, "created_at": now}])
+            insert_rows(conn, OBJECT_OUTBOX, [{"path": path, "sha256": digest, "data": data, "created_at": now}])
             if chosen is not None:  # pending → queued with its job_runs row, in this transaction
                 from scheduler.dispatch import queue_rows
 
-                queue_rows(session, self.svc.settings, row.job_id, decision_id, chosen,
+                queue_rows(conn, self.svc.settings, row.job_id, decision_id, chosen,
                            inputs["job"]["priority_class"])
 
         indexed = self.svc.ledger.append([LedgerWrite([entry], before=before)])[0]

@@ -47,6 +47,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from sqlalchemy import BigInteger, Integer, String, Table, Text, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from orchestrator.db import Base, UTCDateTime, insert_rows, utcnow
@@ -179,7 +180,8 @@ def _lease(claim: Claim) -> tuple[Any, ...]:
     return c.job_id == claim.job_id, c.attempt == claim.attempt, c.lease_token == claim.token
 
 
-def _fence(session: Session, claim: Claim, *, expired: bool, now: datetime, values: Mapping[str, Any]) -> None:
+def _fence(session: Session | Connection, claim: Claim, *, expired: bool, now: datetime,
+           values: Mapping[str, Any]) -> None:
     """Update the job's run row if ``claim`` still holds the lease (and, for the reaper, only if it
     expired); else raise :class:`LeaseLost` and let the transaction roll back."""
     q = update(JOB_RUNS).where(*_lease(claim))
@@ -189,7 +191,7 @@ def _fence(session: Session, claim: Claim, *, expired: bool, now: datetime, valu
         raise LeaseLost(claim)
 
 
-def _move(session: Session, job_id: str, to: str) -> None:
+def _move(session: Session | Connection, job_id: str, to: str) -> None:
     manifests = _manifests()
     moved = affected(session, update(manifests).where(manifests.c.job_id == job_id,
                                                       manifests.c.status == "running").values(status=to))
@@ -197,7 +199,7 @@ def _move(session: Session, job_id: str, to: str) -> None:
         raise QaiError("worker.bad_status", f"job {job_id} is not running", status=409, details={"job_id": job_id})
 
 
-def _end_attempt(session: Session, claim: Claim, now: datetime, outcome: str, code: str | None) -> None:
+def _end_attempt(session: Session | Connection, claim: Claim, now: datetime, outcome: str, code: str | None) -> None:
     session.execute(update(JOB_ATTEMPTS).where(JOB_ATTEMPTS.c.job_id == claim.job_id,
                                                JOB_ATTEMPTS.c.attempt == claim.attempt)
                     .values(ended_at=now, outcome=outcome, error_code=code))
@@ -656,7 +658,7 @@ def finish(svc: Services, claim: Claim, outcome: Outcome, *, expired: bool = Fal
     parquet = next((p for k, p, _ in files if k == "parquet"), None)
     entry = LedgerEntry(type=RESULT_ENTRY_TYPE, sha256=digest, path=record_path, tenant=SYSTEM_TENANT, time=now)
 
-    def before(session: Session, first: int) -> None:
+    def before(session: Connection, first: int) -> None:
         """The fence, the final status and the result rows, in the ledger entry's transaction."""
         _fence(session, claim, expired=expired, now=now,
                values={"lease_token": None, "lease_expires_at": None, "worker_id": None, "finished_at": now,

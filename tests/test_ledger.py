@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session
 
 from orchestrator.app import create_app
 from orchestrator.auth import Principal, Role, issue_token
@@ -326,10 +326,10 @@ def test_a_failing_write_leaves_no_entry_and_no_row(svc: Services) -> None:
         data = f"object {k}".encode()
         entry = LedgerEntry(type="dataset", sha256=sha256_hex(data), path=f"d/{k}", tenant="org-a",
                             time=datetime.now(UTC))
-        def before(s: Session, first: int) -> None:
+        def before(s: Connection, first: int) -> None:
             s.execute(sql("INSERT INTO side_rows (k) VALUES (:k)"), {"k": k})
 
-        def after(s: Session, entries: Sequence[IndexedEntry]) -> None:
+        def after(s: Connection, entries: Sequence[IndexedEntry]) -> None:
             s.execute(sql("UPDATE side_rows SET idx = :i WHERE k = :k"), {"i": entries[0].index, "k": k})
 
         return LedgerWrite([entry], before=before, after=after)
@@ -362,7 +362,7 @@ def test_a_bulk_write_appends_only_the_entries_its_rows_accept(svc: Services) ->
     seen: list[tuple[str, int]] = []
     promised: list[tuple[str, int]] = []
 
-    def before(s: Session, first: int) -> list[BaseException | None]:
+    def before(s: Connection, first: int) -> list[BaseException | None]:
         verdicts: list[BaseException | None] = []
         for k in keys:
             if k == "taken":
@@ -373,13 +373,13 @@ def test_a_bulk_write_appends_only_the_entries_its_rows_accept(svc: Services) ->
                 verdicts.append(None)
         return verdicts
 
-    def after(s: Session, appended: Sequence[IndexedEntry]) -> None:
+    def after(s: Connection, appended: Sequence[IndexedEntry]) -> None:
         for e in appended:
             k = e.path.removeprefix("d/")
             seen.append((k, e.index))
             s.execute(sql("UPDATE bulk_rows SET idx = :i WHERE k = :k"), {"i": e.index, "k": k})
 
-    def broken(s: Session, first: int) -> None:
+    def broken(s: Connection, first: int) -> None:
         s.execute(sql("INSERT INTO bulk_rows (k) VALUES ('z')"))
         raise RuntimeError("boom")
 

@@ -19,7 +19,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from sdk.canonical import canonical_json
 from sdk.dsse import envelope_bytes, envelope_from_bundle, pae, parse_envelope, verify_envelope
@@ -27,7 +27,7 @@ from sdk.errors import QaiError
 from sdk.ledger import SYSTEM_TENANT, LedgerEntry
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
+    from sqlalchemy.engine import Connection
 
     from orchestrator.services import Services
 
@@ -81,16 +81,19 @@ def attest(svc: Services, run_id: str, step: str, subjects: Mapping[str, str], p
     entry = LedgerEntry(type=ENTRY_TYPE, sha256=sha, path=path, tenant=SYSTEM_TENANT, time=at)
     found: list[Attestation] = []
 
-    def before(session: Session, first_index: int) -> None:
+    def before(conn: Connection, first_index: int) -> None:
+        from sqlalchemy import Table, select, update
+
         from em_policy.nightly.models import NightlyRunRow
 
-        row = session.get(NightlyRunRow, run_id, with_for_update=True)
-        if row is None:
+        runs = cast(Table, NightlyRunRow.__table__)
+        stored = conn.scalar(select(runs.c.summary).where(runs.c.run_id == run_id).with_for_update())
+        if stored is None:
             raise QaiError("nightly.run_not_found", f"no nightly run {run_id}", status=404)
         att = Attestation(step, path, sha, first_index)
-        summary = dict(row.summary)
+        summary = dict(stored)
         summary["lineage"] = [*summary.get("lineage", []), att.to_json()]
-        row.summary = summary
+        conn.execute(update(runs).where(runs.c.run_id == run_id).values(summary=summary))
         found.append(att)
 
     svc.ledger.append([LedgerWrite([entry], before=before)])
