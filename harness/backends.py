@@ -8,12 +8,13 @@ recomputes its id, which detects a row changed behind qai's back.
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, String, func, select, type_coerce
 from sqlalchemy.orm import Session
 
 from harness.calibration import CalibrationSnapshot
@@ -98,14 +99,43 @@ def import_catalog(db: Database, *, progress: Callable[[BackendInfo], None] | No
 
 def list_backends(db: Database) -> list[dict[str, Any]]:
     """Every registered backend, by qubit count then id, with when its last calibration was taken."""
-    with db.read() as session:
-        rows = session.execute(
-            select(BackendRow, CalibrationSnapshotRow.created_at)
-            .outerjoin(CalibrationSnapshotRow, CalibrationSnapshotRow.id == BackendRow.last_calibration_id)
-            .order_by(BackendRow.num_qubits, BackendRow.backend_id)).all()
-        return [{**_describe(row), "num_qubits": row.num_qubits, "status": row.status,
-                 "last_calibration_id": row.last_calibration_id, "last_calibration_at": at,
-                 "updated_at": row.updated_at} for row, at in rows]
+    return listed_backends(stored_backends(db))
+
+
+_JSON_COLUMNS = ("capabilities", "queue")
+
+
+def _listing() -> Select[Any]:
+    backends, snapshots = BackendRow.__table__, CalibrationSnapshotRow.__table__
+    columns = [type_coerce(c, String).label(c.name) if c.name in _JSON_COLUMNS else c for c in backends.columns]
+    return (select(*columns, snapshots.c.created_at.label("last_calibration_at"))
+            .outerjoin(snapshots, snapshots.c.id == backends.c.last_calibration_id)
+            .order_by(backends.c.num_qubits, backends.c.backend_id))
+
+
+def stored_backends(db: Database) -> list[tuple[Any, ...]]:
+    """:func:`list_backends`'s rows as stored, JSON undecoded: equal rows list equal backends. A
+    fifth of the listing's cost (0.2 against 1.1 ms for 50 backends), so a reader that keeps the
+    listing (the scheduler, every two seconds) compares these and decodes only what changed."""
+    with db.engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(_listing())]
+
+
+def listed_backends(stored: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    """The listing of rows from :func:`stored_backends`."""
+    names = [c.name for c in BackendRow.__table__.columns] + ["last_calibration_at"]
+    out = []
+    for values in stored:
+        row = dict(zip(names, values, strict=True))
+        for name in _JSON_COLUMNS:  # a driver may have decoded JSON already (psycopg does for jsonb)
+            if isinstance(row[name], str | bytes):
+                row[name] = json.loads(row[name])
+        out.append({"backend_id": row["backend_id"], "vendor": row["vendor"], "region": row["region"],
+                    "cost_per_shot": row["cost_per_shot"], "availability": row["availability"],
+                    "queue": row["queue"], "capabilities": row["capabilities"], "num_qubits": row["num_qubits"],
+                    "status": row["status"], "last_calibration_id": row["last_calibration_id"],
+                    "last_calibration_at": row["last_calibration_at"], "updated_at": row["updated_at"]})
+    return out
 
 
 def get_backend(db: Database, backend_id: str) -> dict[str, Any]:

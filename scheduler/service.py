@@ -268,6 +268,9 @@ class Scheduler:
         self._reading = threading.Lock()  # held while the catalog is read
         self._reader: threading.Thread | None = None  # the background read, if one runs
         self._queued_meanwhile: list[tuple[tuple[str, str], float]] | None = None
+        # the backends as stored and as listed: a read that finds them unchanged keeps the listing
+        # (decoding it was most of the read's time under the GIL, while decisions wait for it)
+        self._listed: tuple[list[tuple[Any, ...]], list[dict[str, Any]]] | None = None
         self._key: str | None = None
         self._qubits: OrderedDict[str, int] = OrderedDict()
 
@@ -308,12 +311,15 @@ class Scheduler:
     def _read(self) -> _Catalog:
         """Read the catalog and backlog (the caller holds ``_reading``). Jobs this process queues
         during the read are added to it, as they are to the catalog in use."""
-        from harness.backends import list_backends
+        from harness.backends import listed_backends, stored_backends
 
         with self._lock:
             self._queued_meanwhile = []
         try:
-            backends, backlog = list_backends(self.svc.db), self.backlog()
+            stored, backlog = stored_backends(self.svc.db), self.backlog()
+            if self._listed is None or self._listed[0] != stored:  # decoded only when something changed
+                self._listed = (stored, listed_backends(stored))
+            backends = self._listed[1]
             with self._lock:
                 for key, seconds in self._queued_meanwhile:
                     backlog[key] = backlog.get(key, 0.0) + seconds
@@ -354,8 +360,8 @@ class Scheduler:
         """Expected run seconds of the jobs qai has queued or running, per backend and priority class."""
         from orchestrator.jobs import ManifestRow
 
-        with self.svc.db.read() as s:
-            rows = s.execute(
+        with self.svc.db.engine.connect() as c:
+            rows = c.execute(
                 select(DecisionRow.chosen_backend, ManifestRow.priority_class, func.sum(DecisionRow.run_seconds))
                 .join(ManifestRow, ManifestRow.job_id == DecisionRow.job_id)
                 .where(ManifestRow.status.in_(("queued", "running")), DecisionRow.chosen_backend.is_not(None))

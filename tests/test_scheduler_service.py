@@ -3,6 +3,7 @@ signed, stored, ledgered and replayable; bad input and tampering are caught with
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -393,7 +394,8 @@ def test_the_catalog_is_read_again_on_a_thread_once_stale(svc: Services,  # noqa
     thread reads it again; a job this process queues during that read is counted in the new one;
     a failed read leaves the old catalog in use until it is too old, then the request reads it
     and raises what the read raises."""
-    from harness.backends import import_catalog, set_status
+    from harness.backends import import_catalog, import_snapshot, set_status
+    from harness.catalog import catalog, catalog_snapshot
     from scheduler.service import BACKENDS_MAX_AGE_SECONDS, BACKENDS_TTL_SECONDS, Scheduler
 
     import_catalog(svc.db)
@@ -446,6 +448,20 @@ def test_the_catalog_is_read_again_on_a_thread_once_stale(svc: Services,  # noqa
     set_status(svc.db, backend, "online")
     inline = sched.catalog()
     assert inline is not fresh and status(inline) == "online" and inline.read_at == now[0]
+
+    # A read that finds the rows as they were keeps the decoded listing; one changed JSON value
+    # (a backend's queue) is decoded afresh.
+    now[0] = inline.read_at + BACKENDS_MAX_AGE_SECONDS
+    unchanged = sched.catalog()
+    assert unchanged is not inline and unchanged.backends is inline.backends
+    info = next(i for i in catalog() if i.backend_id == backend)
+    import_snapshot(svc.db, catalog_snapshot(backend), dataclasses.replace(info, queue={"mean_wait_seconds": 4321.0}))
+    now[0] = unchanged.read_at + BACKENDS_MAX_AGE_SECONDS
+    changed = sched.catalog()
+    assert changed.backends is not unchanged.backends
+    assert next(b["queue"] for b in changed.backends if b["backend_id"] == backend) == {"mean_wait_seconds": 4321.0}
+    assert [b for b in changed.backends if b["backend_id"] != backend] == [
+        b for b in unchanged.backends if b["backend_id"] != backend]
 
 
 def test_the_document_written_around_canonical_inputs_is_its_canonical_json() -> None:
