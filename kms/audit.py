@@ -60,17 +60,17 @@ def chain_hash(prev_hash: str, fields: dict[str, Any]) -> str:
     return hashlib.sha256(bytes.fromhex(prev_hash) + canonical_json(fields)).hexdigest()
 
 
+# the chain head; built once (see orchestrator.db.insert_statement)
+_HEAD = select(KmsAuditRecord.seq, KmsAuditRecord.record_hash).order_by(KmsAuditRecord.seq.desc()).limit(1)
+
+
 def append(session: Session | Connection, events: Iterable[AuditEvent], *, at: datetime | None = None) -> str:
     """Append ``events`` inside the caller's write transaction; return the new chain head.
 
     The caller must hold the writer lock (``Database.write(lock=AUDIT_LOCK)`` or
     ``Database.write_connection(lock=AUDIT_LOCK)``) so that no other writer reads the same head.
     """
-    last = session.execute(
-        select(KmsAuditRecord.seq, KmsAuditRecord.record_hash)
-        .order_by(KmsAuditRecord.seq.desc())
-        .limit(1)
-    ).first()
+    last = session.execute(_HEAD).first()
     seq, head = (last[0], last[1]) if last else (0, GENESIS_HASH)
     when = at or utcnow()
     rows = []

@@ -156,8 +156,11 @@ class LedgerConfig:
     max_batch: int = 2000
 
 
+_LAST_INDEX = select(func.max(LedgerEntryRow.idx))  # built once: see orchestrator.db.insert_statement
+
+
 def tree_size(session: Session | Connection) -> int:
-    last = session.scalar(select(func.max(LedgerEntryRow.idx)))
+    last = session.scalar(_LAST_INDEX)
     return 0 if last is None else int(last) + 1
 
 

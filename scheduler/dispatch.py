@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -58,12 +59,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from sqlalchemy import Integer, String, Table, Text, insert, select, update
+from sqlalchemy import Integer, String, Table, Text, Update, bindparam, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.sql.expression import Executable
 
-from orchestrator.db import Base, UTCDateTime, utcnow
+from orchestrator.db import Base, UTCDateTime, insert_statement, utcnow
 from scheduler.engine import PRIORITY_CLASSES
 from sdk.errors import QaiError
 
@@ -131,9 +132,17 @@ def _manifests() -> Table:
     return MANIFESTS
 
 
-def affected(session: Session | Connection, statement: Executable) -> int:
+def affected(session: Session | Connection, statement: Executable, params: Mapping[str, Any] | None = None) -> int:
     """Rows an UPDATE changed: how every guarded transition here learns whether it won."""
-    return int(cast("CursorResult[Any]", session.execute(statement)).rowcount)
+    return int(cast("CursorResult[Any]", session.execute(statement, params)).rowcount)
+
+
+@functools.cache
+def _queued_statement() -> Update:
+    """pending → queued for the job ``pending_job``; built once (see orchestrator.db.insert_statement)."""
+    manifests = _manifests()
+    return (update(manifests).where(manifests.c.job_id == bindparam("pending_job"), manifests.c.status == "pending")
+            .values(status="queued"))
 
 
 # ------------------------------------------------------------------------------------------ queues
@@ -403,13 +412,13 @@ def queue_rows(s: Session | Connection, settings: Settings, job_id: str, decisio
     backend_id, em_method = _chosen_field(chosen, "backend_id"), _chosen_field(chosen, "em_method")
     attempts = max_attempts or settings.worker_max_attempts
     manifests = _manifests()
-    moved = affected(s, update(manifests).where(manifests.c.job_id == job_id, manifests.c.status == "pending")
-                     .values(status="queued"))
+    moved = affected(s, _queued_statement(), {"pending_job": job_id})
     if moved == 1:
         # a Core insert: the ORM's flush was a sixth of the decision's ledger transaction under cProfile
-        s.execute(insert(JOB_RUNS).values(job_id=job_id, decision_id=decision_id, priority_class=priority_class,
-                                          backend_id=backend_id, em_method=em_method, attempt=0,
-                                          max_attempts=attempts, enqueued_at=utcnow()))
+        s.execute(insert_statement(JOB_RUNS), {"job_id": job_id, "decision_id": decision_id,
+                                               "priority_class": priority_class, "backend_id": backend_id,
+                                               "em_method": em_method, "attempt": 0, "max_attempts": attempts,
+                                               "enqueued_at": utcnow()})
         return "queued"
     status = s.scalar(select(manifests.c.status).where(manifests.c.job_id == job_id))
     if status is None:

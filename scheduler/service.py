@@ -15,6 +15,7 @@ chose a backend is then handed to :mod:`scheduler.dispatch`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import Float, ForeignKey, String, func, select
+from sqlalchemy import Float, ForeignKey, Select, String, bindparam, func, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.types import BigInteger
@@ -92,6 +93,23 @@ class DecisionRow(Base):
     decision_sha256: Mapped[str] = mapped_column(String(64))
     ledger_index: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+# Statements of every decision, built once: SQLAlchemy keys each statement object for its compiled
+# cache, and a statement built per call is keyed again per call (orchestrator.db.insert_statement).
+_CHOSEN_BEFORE = (select(DecisionRow.id)
+                  .where(DecisionRow.job_id == bindparam("wanted"), DecisionRow.chosen_backend.is_not(None)).limit(1))
+
+
+@functools.cache
+def _job_statement() -> Select[Any]:
+    """A job's row with its tenant's name (None if the tenant is gone) and crypto policy."""
+    from orchestrator.jobs import MANIFESTS
+    from orchestrator.models import Tenant
+
+    tenants = Tenant.__table__
+    return (select(MANIFESTS, tenants.c.name.label("tenant_found"), tenants.c.crypto_policy.label("tenant_policy"))
+            .outerjoin(tenants, tenants.c.name == MANIFESTS.c.tenant).where(MANIFESTS.c.job_id == bindparam("wanted")))
 
 
 @dataclass(frozen=True)
@@ -470,18 +488,12 @@ class Scheduler:
         id of a decision that already chose a backend for it: one Core read on one connection
         (the ORM sessions it replaces, three of them, cost 0.6-0.9 ms of a decision in process)."""
         from orchestrator.jobs import MANIFESTS, ManifestRow
-        from orchestrator.models import Tenant
 
-        tenants = Tenant.__table__
         with self.svc.db.engine.connect() as c:
-            found = c.execute(select(MANIFESTS, tenants.c.name.label("tenant_found"),
-                                     tenants.c.crypto_policy.label("tenant_policy"))
-                              .outerjoin(tenants, tenants.c.name == MANIFESTS.c.tenant)
-                              .where(MANIFESTS.c.job_id == job_id)).mappings().first()
+            found = c.execute(_job_statement(), {"wanted": job_id}).mappings().first()
             if found is None:
                 return None, False, None, None
-            earlier = c.scalar(select(DecisionRow.id).where(DecisionRow.job_id == job_id,
-                                                            DecisionRow.chosen_backend.is_not(None)).limit(1))
+            earlier = c.scalar(_CHOSEN_BEFORE, {"wanted": job_id})
         row = ManifestRow(**{col.key: found[col.key] for col in MANIFESTS.columns})
         return row, found["tenant_found"] is not None, found["tenant_policy"], earlier
 
@@ -536,8 +548,7 @@ class Scheduler:
             # Under the ledger lock, like every decision's insert: a concurrent call for the same job
             # that got here first makes this one write nothing.
             if chosen is not None:
-                taken = conn.scalar(select(DecisionRow.id).where(DecisionRow.job_id == row.job_id,
-                                                                    DecisionRow.chosen_backend.is_not(None)).limit(1))
+                taken = conn.scalar(_CHOSEN_BEFORE, {"wanted": row.job_id})
                 if taken is not None:
                     raise QaiError("scheduler.already_scheduled", f"job {row.job_id} has decision {taken}",
                                    status=409, details={"decision_id": taken, "job_id": row.job_id})
