@@ -58,7 +58,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy.special import expit
 
-__all__ = ["CompiledForest", "CompiledMLP"]
+__all__ = ["CompiledForest", "CompiledMLP", "sum_trees"]
 
 FOREST_FORMAT = "qai.em_policy.fastpath.forest/1"
 MLP_FORMAT = "qai.em_policy.fastpath.mlp/1"
@@ -176,6 +176,22 @@ def _as_2d(X: Any, n_features: int) -> AnyArray:
 
 # --------------------------------------------------------------------------------------------------
 # trees
+
+
+def sum_trees(per_tree: FloatArray) -> FloatArray:
+    """The sum over axis 0 (trees) of ``(trees, n, columns)``, tree after tree into zeros, as
+    scikit-learn adds them. Floating-point addition is not associative, so the order matters.
+
+    numpy reduces an outer axis of a C-contiguous array whole rows at a time, in order: as
+    sequential, and a tenth of ``np.add.accumulate``, which also writes every partial sum. With
+    one value per tree, though, the tree axis is the contiguous one, and numpy sums that pairwise:
+    there the accumulation runs. tests/test_policy_fastpath.py checks both against a loop."""
+    contiguous = np.ascontiguousarray(per_tree)
+    if contiguous.shape[1] * contiguous.shape[2] > 1:
+        reduced: FloatArray = np.add.reduce(contiguous, axis=0)
+        return reduced
+    accumulated: FloatArray = np.add.accumulate(contiguous, axis=0)[-1]
+    return accumulated
 
 
 @dataclass(frozen=True, eq=False)
@@ -423,9 +439,11 @@ class CompiledForest:
         child2, feat2, thr2, mgl2, internal2 = self._child2, self._feat2, self._thr2, self._mgl2, self._internal2
         for level in range(1, self.max_depth + 1):
             xv = flat[base + feat2[s]]
-            go_right = ~(xv <= thr2[s])  # float32 value (exactly widened) vs float64 threshold; NaN -> right
             if has_nan:
+                go_right = ~(xv <= thr2[s])  # float32 value (exactly widened) vs float64 threshold; NaN -> right
                 go_right &= ~(np.isnan(xv) & mgl2[s])
+            else:
+                go_right = xv > thr2[s]  # the same without NaN, one array operation fewer per level
             s = child2[s + go_right]
             if level % _COMPACT_EVERY == 0 and level < self.max_depth:
                 active = internal2[s]
@@ -449,10 +467,7 @@ class CompiledForest:
         x, has_nan = self._check_X(X)
         leaves = self._apply(x, has_nan)
         per_tree = self.value[leaves.T]  # (trees, n, columns)
-        # scikit-learn adds the trees one after the other into zeros; accumulate is strictly sequential
-        # (np.sum would add pairwise and round differently)
-        total = np.add.accumulate(per_tree, axis=0)[-1]
-        out: FloatArray = total / float(self.n_trees)
+        out: FloatArray = sum_trees(per_tree) / float(self.n_trees)
         return out
 
     def predict_proba(self, X: Any) -> FloatArray:

@@ -20,7 +20,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor, ExtraTreeRegressor
 
-from em_policy.fastpath import CompiledBooster, CompiledForest, CompiledMLP
+from em_policy.fastpath import CompiledBooster, CompiledForest, CompiledMLP, sum_trees
 
 N_FEATURES = 5
 Arr = npt.NDArray[Any]
@@ -200,6 +200,19 @@ def test_forest_sum_is_sequential_not_pairwise() -> None:
     assert np.array_equal(model.predict(X_test), rf.predict(X_test))
     for i in range(5):
         assert np.array_equal(model.predict(X_test[i]), rf.predict(X_test[i : i + 1]))
+
+
+def test_trees_are_summed_one_after_the_other_whatever_the_shape() -> None:
+    """numpy sums a contiguous axis pairwise: with one value per tree the sum must not go that way."""
+    rng = np.random.default_rng(7)
+    for trees in (2, 9, 100, 301):
+        for n in (1, 2, 7, 34):
+            for columns in (1, 2, 6):
+                per_tree = rng.random((trees, n, columns)) * 10.0 ** rng.integers(-3, 4, size=(trees, n, columns))
+                in_order = np.zeros((n, columns))
+                for t in range(trees):
+                    in_order = in_order + per_tree[t]
+                assert np.array_equal(sum_trees(per_tree), in_order), (trees, n, columns)
 
 
 def test_single_decision_tree_regressor_matches_sklearn() -> None:
