@@ -8,6 +8,7 @@ recomputes its id, which detects a row changed behind qai's back.
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 from collections.abc import Callable
@@ -105,6 +106,7 @@ def list_backends(db: Database) -> list[dict[str, Any]]:
 _JSON_COLUMNS = ("capabilities", "queue")
 
 
+@functools.cache  # built once: see orchestrator.db.insert_statement
 def _listing() -> Select[Any]:
     backends, snapshots = BackendRow.__table__, CalibrationSnapshotRow.__table__
     columns = [type_coerce(c, String).label(c.name) if c.name in _JSON_COLUMNS else c for c in backends.columns]
