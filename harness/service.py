@@ -177,13 +177,13 @@ def persist_run(svc: Services, config: RunConfig, rows: Sequence[dict[str, Any]]
     entry = LedgerEntry(type=DATASET_ENTRY_TYPE, sha256=hashlib.sha256(envelope).hexdigest(), path=manifest_path,
                         tenant=SYSTEM_TENANT, time=now)
 
-    def before(session: Connection, first_index: int) -> None:
+    def before(conn: Connection, first_index: int) -> None:
         """The run's rows, in the ledger entry's transaction."""
         from harness.models import EM_RESULTS, HARNESS_RUNS
         from orchestrator.db import insert_rows
 
-        insert_rows(session, EM_RESULTS, [_em_result(run_id, r, parquet_path, now) for r in rows])
-        insert_rows(session, HARNESS_RUNS, [{
+        insert_rows(conn, EM_RESULTS, [_em_result(run_id, r, parquet_path, now) for r in rows])
+        insert_rows(conn, HARNESS_RUNS, [{
             "run_id": run_id, "created_at": now, "seed": config.seed, "harness_version": HARNESS_VERSION,
             "config": config.to_json(), "rows": len(rows), "parquet_path": parquet_path,
             "dataset_manifest_path": manifest_path, "ledger_index": first_index}])

@@ -658,14 +658,14 @@ def finish(svc: Services, claim: Claim, outcome: Outcome, *, expired: bool = Fal
     parquet = next((p for k, p, _ in files if k == "parquet"), None)
     entry = LedgerEntry(type=RESULT_ENTRY_TYPE, sha256=digest, path=record_path, tenant=SYSTEM_TENANT, time=now)
 
-    def before(session: Connection, first: int) -> None:
+    def before(conn: Connection, first: int) -> None:
         """The fence, the final status and the result rows, in the ledger entry's transaction."""
-        _fence(session, claim, expired=expired, now=now,
+        _fence(conn, claim, expired=expired, now=now,
                values={"lease_token": None, "lease_expires_at": None, "worker_id": None, "finished_at": now,
                        "error_code": outcome.error_code, "error_message": outcome.error_message})
-        _move(session, claim.job_id, outcome.status)
-        _end_attempt(session, claim, now, outcome.attempt_outcome or outcome.status, outcome.error_code)
-        insert_rows(session, JOB_RESULTS, [{
+        _move(conn, claim.job_id, outcome.status)
+        _end_attempt(conn, claim, now, outcome.attempt_outcome or outcome.status, outcome.error_code)
+        insert_rows(conn, JOB_RESULTS, [{
             "job_id": claim.job_id, "decision_id": claim.decision_id, "attempt": claim.attempt,
             "status": outcome.status, "backend_id": str(execution.get("backend_id") or claim.backend_id),
             "calibration_snapshot_id": execution.get("calibration_snapshot_id"),
@@ -676,7 +676,7 @@ def finish(svc: Services, claim: Claim, outcome: Outcome, *, expired: bool = Fal
         if outcome.rows and parquet is not None:
             from harness.models import EM_RESULTS
 
-            insert_rows(session, EM_RESULTS, _em_rows(claim.job_id, outcome.rows, parquet, now))
+            insert_rows(conn, EM_RESULTS, _em_rows(claim.job_id, outcome.rows, parquet, now))
 
     indexed = svc.ledger.append([LedgerWrite([entry], before=before)])[0]
     log.info("job %s %s (attempt %d), ledger entry %d", claim.job_id, outcome.status, claim.attempt, indexed.index)
