@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from orchestrator import metrics
 from scheduler.engine import SchedulingError, coselects, decide
 from scheduler.plugins import resolve
@@ -99,7 +101,7 @@ def audit_replay(entry: IndexedEntry, obj: bytes) -> None:
     if envelope.payload_type != DECISION_PAYLOAD_TYPE or signers != {SCHEDULER_KEY}:
         raise QaiError("scheduler.decision_tampered", f"a scheduler decision must be a {DECISION_PAYLOAD_TYPE} "
                        f"signed by {SCHEDULER_KEY}, not {envelope.payload_type} by {sorted(signers)}", status=409)
-    document = json.loads(envelope.payload_bytes())
+    document = orjson.loads(envelope.payload_bytes())  # as the scheduler read its inputs back
     try:
         differences = replay_document(document)
     except (SchedulingError, KeyError, TypeError) as exc:

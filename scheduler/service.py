@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
+import orjson
 from sqlalchemy import Float, ForeignKey, Select, String, bindparam, func, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapped, mapped_column
@@ -459,7 +460,10 @@ class Scheduler:
         # Decide on exactly what is recorded: the inputs as their canonical JSON reads back (an
         # integral float becomes an int, -0.0 becomes 0), so the signed body and a replay's agree.
         inputs_canonical = canonical_json(self.gather(manifest, row, plugins, prof, policy, now))
-        inputs = json.loads(inputs_canonical)
+        # orjson reads a number as the double RFC 8785 wrote (json reads 18446744073709552000, the
+        # ES6 form of 2**64, as an int no double equals), at a third of json's time; replay and
+        # verified_document read decisions the same way
+        inputs = orjson.loads(inputs_canonical)
         body = decide(inputs, plugins, inputs_canonical=inputs_canonical)
         if body["chosen"] is not None:
             chosen_record = inputs_backend(inputs, body["chosen"]["backend_id"])
@@ -634,7 +638,7 @@ def verified_document(data: bytes, key: Any, at: datetime) -> dict[str, Any]:
         raise QaiError("scheduler.decision_tampered", f"payload type {envelope.payload_type} is not a decision",
                        status=409)
     verify_envelope(envelope, key, at=at)
-    document: dict[str, Any] = json.loads(envelope.payload_bytes())
+    document: dict[str, Any] = orjson.loads(envelope.payload_bytes())  # as its inputs were read back
     if document.get("type") != DECISION_STATEMENT:
         raise QaiError("scheduler.decision_tampered", "the payload is not a scheduler decision", status=409)
     return document
