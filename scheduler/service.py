@@ -424,7 +424,7 @@ class Scheduler:
         """Fill each record's ``prediction`` (or ``prediction_error``) from ``service``; with
         ``options`` (a profile with ``em_coselect``), every method within the budget too."""
         requests = [_request(qasm, job, r["calibration_snapshot_id"]) for r in records]
-        predictions = service.predict_each(requests)  # server-side errors (no model) raise
+        predictions = service.predict_each_plain(requests)  # server-side errors (no model) raise
         for r, p in zip(records, predictions, strict=True):
             if isinstance(p, QaiError):
                 r["prediction_error"] = {"code": p.code, "message": p.message}
@@ -699,15 +699,15 @@ def _same(stored: Any, signed: Any) -> bool:
 OPTION_FIELDS = ("method", "params", "shot_multiplier", "expected_fidelity", "estimated_seconds")
 
 
-def prediction_record(p: Any, *, options: bool = False) -> dict[str, Any]:
+def prediction_record(p: Mapping[str, Any], *, options: bool = False) -> dict[str, Any]:
     """The part of an EM policy prediction a decision depends on (features are derived data:
     replay recomputes them from the manifest and the snapshot). With ``options``, the methods the
     engine may co-select: the policy's own first, then every alternative within the shot budget by
     name (not by the policy's float ranking, which a different BLAS could reorder)."""
-    record = {f: getattr(p, f) for f in PREDICTION_FIELDS}
+    record = {f: p[f] for f in PREDICTION_FIELDS}
     if options:
-        others = sorted((a for a in p.alternatives if a.within_budget), key=lambda a: a.method)
-        record["options"] = [{f: getattr(o, f) for f in OPTION_FIELDS} for o in (p, *others)]
+        others = sorted((a for a in p["alternatives"] if a["within_budget"]), key=lambda a: a["method"])
+        record["options"] = [{f: o[f] for f in OPTION_FIELDS} for o in (p, *others)]
     return record
 
 

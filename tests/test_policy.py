@@ -432,7 +432,7 @@ def test_a_circuit_on_a_snapshot_is_worked_out_once_per_model(trained: Services,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from em_policy.api import policy_service
     from em_policy.policy import PolicyModel
-    from em_policy.service import PolicyService, PredictRequest
+    from em_policy.service import PolicyService, Prediction, PredictRequest
     from em_policy.training import train_and_register
     from harness.catalog import catalog
 
@@ -463,6 +463,35 @@ def test_a_circuit_on_a_snapshot_is_worked_out_once_per_model(trained: Services,
     assert len(checks) == sum(not isinstance(p, QaiError) or p.code == "em_policy.features_out_of_range"
                               for p in cold)
     assert answers(cold) == answers(first)
+
+    # the scheduler's plain dicts are exactly what validation makes of them, type for type
+    plain = service.predict_each_plain(reqs)
+    assert len(plain) == len(reqs)
+    for p, validated in zip(plain, first, strict=True):
+        if isinstance(p, QaiError):
+            assert isinstance(validated, QaiError) and p.code == validated.code
+            continue
+        assert not isinstance(validated, QaiError)
+        _same_typed(p, validated.model_dump())
+        _same_typed(Prediction.model_validate(p).model_dump(), p)
+    shared = [p["params"] for p in plain if not isinstance(p, QaiError)]
+    assert len({id(x) for x in shared}) == len(shared)  # each prediction's params its own dict
+
+
+def _same_typed(a: Any, b: Any) -> None:
+    """Equal, and of the same type all the way down (5 == 5.0, but one is not the other); the
+    order of keys aside (a decision is canonical JSON)."""
+    assert type(a) is type(b), (a, b)
+    if isinstance(a, dict):
+        assert sorted(a) == sorted(b)
+        for k in a:
+            _same_typed(a[k], b[k])
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _same_typed(x, y)
+    else:
+        assert a == b
 
 
 def test_a_served_model_is_renewed_by_its_alias_alone_and_replaced_on_promotion(
