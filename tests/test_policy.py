@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import sqlite3
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -527,6 +528,43 @@ def test_a_served_model_is_renewed_by_its_alias_alone_and_replaced_on_promotion(
     expire()
     new_version, new_model = service._resolve()
     assert (new_version, full) == (f"em-policy/{again.version}", ["champion"]) and new_model is not model
+
+
+def test_the_alias_check_reads_mlflows_sqlite_table_and_agrees_with_its_client(
+        trained: Services, data_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A server's periodic alias check reads MLflow's own alias table (one indexed read, not nine ORM
+    queries holding the GIL); it gives the client's answer as the alias moves, and leaves to the
+    client what it cannot read."""
+    from em_policy import registry
+    from em_policy.training import train_and_register
+
+    services = trained
+    assert train_and_register([str(data_path)], SMALL, quiet=True, svc=services)["promoted"]
+    first = registry.resolve(services, "champion")
+
+    def by_client(ref: str) -> int | None:
+        entity = registry._version_entity(registry._client(services.settings), registry.MODEL_NAME, ref)
+        return None if entity is None else int(entity.version)
+
+    def answers(ref: str) -> list[bool]:
+        return [registry.points_at(services, v, ref) for v in (1, 2, 3)]
+
+    assert answers("champion") == [v == by_client("champion") for v in (1, 2, 3)] == [v == first.version
+                                                                                      for v in (1, 2, 3)]
+    again = registry.register(services, registry.load_bundle(services, first), params={}, metrics=first.metrics,
+                              dataset_sha256=first.dataset_sha256, metadata={})
+    registry.promote(services, again.version)
+    assert by_client("champion") == again.version != first.version
+    assert answers("champion") == [v == again.version for v in (1, 2, 3)]
+    assert answers("no-such-alias") == [False] * 3 and by_client("no-such-alias") is None
+
+    # the table, not the client, answered
+    monkeypatch.setattr(registry, "_client", lambda settings: pytest.fail("the client was asked"))
+    assert answers("champion") == [v == again.version for v in (1, 2, 3)]
+    # a store without MLflow's table is left to the client
+    other = tmp_path / "not-mlflow.db"
+    sqlite3.connect(other).close()
+    assert registry._alias_in_sqlite(other, registry.MODEL_NAME, "champion") is False
 
 
 def test_predictions_with_refusals_leave_no_cyclic_garbage(trained: Services, data_path: Path) -> None:
