@@ -301,8 +301,6 @@ class PolicyService:
         chosen: Counter[str] = Counter()
         for d, (i, req, snap, features, sps) in zip(decisions, contexts, strict=True):
             chosen[d.method] += 1
-            metrics.POLICY_SHOT_MULTIPLIER.observe(d.shot_multiplier)
-            metrics.POLICY_EXPECTED_FIDELITY.observe(d.expected_fidelity)
             shots = math.ceil(req.shots * d.shot_multiplier)
             # every value already of its field's type (floats from tolist, the shots an int), so
             # that Prediction's validation has nothing to convert
@@ -315,6 +313,8 @@ class PolicyService:
                                  for a in d.alternatives], "warnings": d.warnings, "features": features}
         for method, count in chosen.items():
             metrics.POLICY_PREDICTIONS.labels(method).inc(count)
+        metrics.observe_many(metrics.POLICY_SHOT_MULTIPLIER, [d.shot_multiplier for d in decisions])
+        metrics.observe_many(metrics.POLICY_EXPECTED_FIDELITY, [d.expected_fidelity for d in decisions])
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from bisect import bisect_left
+from collections import Counter as CounterOf
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC
 from typing import TYPE_CHECKING, Any
 
@@ -223,10 +225,30 @@ def observe_decision(body: dict[str, Any]) -> None:
     """Count one recorded decision: its chosen backend and every filter that rejected a backend."""
     chosen = body.get("chosen")
     SCHEDULER_DECISIONS.labels(chosen["backend_id"] if chosen else "none").inc()
-    for row in body.get("backends", ()):
-        for f in row.get("filters", ()):
-            if f.get("verdict") == "reject":
-                SCHEDULER_FILTER_REJECTIONS.labels(str(f.get("plugin"))).inc()
+    rejected: CounterOf[str] = CounterOf(str(f.get("plugin")) for row in body.get("backends", ())
+                                         for f in row.get("filters", ()) if f.get("verdict") == "reject")
+    for plugin, count in rejected.items():  # one increment per plugin, not per rejection
+        SCHEDULER_FILTER_REJECTIONS.labels(plugin).inc(count)
+
+
+def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
+    """``histogram.observe(v)`` for every value, with one increment per bucket touched rather than a
+    call per value. The EM policy observes two values per prediction: 70 calls per scheduling
+    decision, 0.15 ms of it. prometheus_client has no batch observe, so this does what its
+    ``observe`` does, on the same fields (a test compares the two): the sum, then the first bucket
+    whose upper bound is at least the value (none for NaN)."""
+    if not values:
+        return
+    histogram._raise_if_not_observable()  # type: ignore[no-untyped-call]
+    bounds: list[float] = histogram._upper_bounds
+    counts = [0] * len(bounds)
+    for v in values:
+        if v == v:  # NaN falls in no bucket, as in observe
+            counts[bisect_left(bounds, v)] += 1
+    histogram._sum.inc(sum(values))
+    for i, n in enumerate(counts):
+        if n:
+            histogram._buckets[i].inc(n)
 
 
 # ------------------------------------------------------------------------------------- HTTP plumbing

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
@@ -297,3 +299,38 @@ def test_dashboards_are_provisioned_grafana_json() -> None:
     assert [d["uid"] for d in sources["datasources"]] == ["qai-prometheus"]
     providers = yaml.safe_load((provisioning / "dashboards.yaml").read_text())
     assert providers["providers"][0]["type"] == "file"
+
+
+def test_observe_many_counts_as_observe_one_by_one() -> None:
+    """The batch observation the EM policy uses fills the same buckets, count and sum as observing
+    each value (bucket boundaries, negative values, infinity and NaN included)."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from orchestrator.metrics import observe_many
+
+    rng = np.random.default_rng(7)
+    finite = [*rng.uniform(0, 5, 200).tolist(), 0.5, 1.0, 2.0, 4.0, 4.0001, -1.0, 0.0]
+    for values in (finite, [*finite, float("inf")], [*finite, float("nan")]):
+        registry = CollectorRegistry()
+        one, many = (Histogram(name, "test", buckets=(0.5, 1.0, 2.0, 4.0), registry=registry)
+                     for name in ("one_by_one", "batched"))
+        for v in values:
+            one.observe(v)
+        observe_many(many, values[:100])
+        observe_many(many, values[100:])
+        observe_many(many, [])
+
+        def samples(name: str, registry: CollectorRegistry = registry) -> dict[tuple[str, str], float]:
+            family = next(f for f in registry.collect() if f.name == name)
+            return {(s.name.removeprefix(name), s.labels.get("le", "")): s.value for s in family.samples
+                    if not s.name.endswith("_created")}
+
+        got, want = samples("batched"), samples("one_by_one")
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            if key[0] == "_sum":  # the same terms, added in another order
+                assert got[key] == pytest.approx(value, nan_ok=True)
+            else:
+                assert got[key] == value, key
+        nan = any(math.isnan(v) for v in values)
+        assert want[("_bucket", "+Inf")] == len(values) - nan  # NaN is counted in no bucket
