@@ -43,7 +43,6 @@ import os
 import re
 import sqlite3
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -460,11 +459,6 @@ def points_at(svc: Services, version: int, ref: str = DEFAULT_ALIAS, name: str =
     return entity is not None and int(entity.version) == version
 
 
-# read-only connections to MLflow SQLite stores, one per file, kept for the process's life
-_ALIAS_READERS: dict[Path, sqlite3.Connection] = {}
-_ALIAS_READER_LOCK = threading.Lock()
-
-
 def _alias_in_sqlite(db: Path, name: str, alias: str) -> int | Literal[False] | None:
     """The version ``alias`` of ``name`` names in MLflow's SQLite store, read from the table MLflow
     itself reads (``registered_model_aliases``); None if it names none; False if the store cannot be
@@ -472,18 +466,23 @@ def _alias_in_sqlite(db: Path, name: str, alias: str) -> int | Literal[False] | 
 
     Why not the client: its alias lookup is nine ORM queries, 3 ms of CPU, most of it holding the
     GIL, on a server's background thread every ALIAS_TTL_SECONDS; a scheduling decision that
-    overlapped one took 3-5 ms longer (docs/benchmarks.md). This is one indexed read on a read-only
-    connection kept open (opening one reads MLflow's whole schema: 1 ms)."""
+    overlapped one took 3-5 ms longer (docs/benchmarks.md). This is one indexed read, 1 ms on a
+    connection opened for it (reading MLflow's schema), nearly all of it inside SQLite, where the
+    GIL is released. A connection kept open would cost 0.07 ms but could outlive its file."""
+    if alias.lower() == "latest":  # MLflow's own rule: the newest version, not a row of the table
+        return False
+    if not db.is_file():
+        return False
     try:
-        with _ALIAS_READER_LOCK:
-            conn = _ALIAS_READERS.get(db)
-            if conn is None:
-                conn = _ALIAS_READERS[db] = sqlite3.connect(f"file:{db}?mode=ro", uri=True, check_same_thread=False)
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
             rows = conn.execute("SELECT version FROM registered_model_aliases WHERE name = ? AND alias = ?",
                                 (name, alias)).fetchall()
+        finally:
+            conn.close()
     except sqlite3.Error:
         return False
-    if len(rows) > 1 or alias.lower() == "latest":  # MLflow's own rules apply: ask it
+    if len(rows) > 1:  # several workspaces name it: MLflow knows which one is meant
         return False
     return int(rows[0][0]) if rows else None
 

@@ -567,6 +567,30 @@ def test_the_alias_check_reads_mlflows_sqlite_table_and_agrees_with_its_client(
     assert registry._alias_in_sqlite(other, registry.MODEL_NAME, "champion") is False
 
 
+def test_the_alias_table_read_follows_a_store_made_again_and_leaves_mlflows_rules_to_it(tmp_path: Path) -> None:
+    from em_policy.registry import _alias_in_sqlite
+
+    db = tmp_path / "mlflow.db"
+
+    def store(*rows: tuple[str, str, int]) -> None:
+        db.unlink(missing_ok=True)
+        with sqlite3.connect(db) as conn:
+            conn.execute("CREATE TABLE registered_model_aliases (alias TEXT, version INTEGER, name TEXT, "
+                         "workspace TEXT)")
+            conn.executemany("INSERT INTO registered_model_aliases VALUES (?, ?, ?, 'default')", rows)
+        conn.close()
+
+    store(("champion", 1, "m"))
+    assert _alias_in_sqlite(db, "m", "champion") == 1 and _alias_in_sqlite(db, "m", "other") is None
+    store(("champion", 2, "m"))  # a new file at the same path: read afresh, not through the old connection
+    assert _alias_in_sqlite(db, "m", "champion") == 2
+    store(("champion", 2, "m"), ("champion", 3, "m"))  # two workspaces: the client decides
+    assert _alias_in_sqlite(db, "m", "champion") is False
+    assert _alias_in_sqlite(db, "m", "latest") is False  # MLflow's newest-version rule, not a row
+    db.unlink()
+    assert _alias_in_sqlite(db, "m", "champion") is False
+
+
 def test_predictions_with_refusals_leave_no_cyclic_garbage(trained: Services, data_path: Path) -> None:
     """A refusal kept with its traceback holds the frame that made the results, so every request,
     prediction and alternative of the call waited for the cycle collector (2 ms pauses every few
