@@ -471,10 +471,8 @@ def _alias_in_sqlite(db: Path, name: str, alias: str) -> int | Literal[False] | 
     GIL is released. A connection kept open would cost 0.07 ms but could outlive its file."""
     if alias.lower() == "latest":  # MLflow's own rule: the newest version, not a row of the table
         return False
-    if not db.is_file():
-        return False
     try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)  # a missing file: an error, not a new store
         try:
             rows = conn.execute("SELECT version FROM registered_model_aliases WHERE name = ? AND alias = ?",
                                 (name, alias)).fetchall()
