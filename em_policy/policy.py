@@ -272,10 +272,13 @@ class PolicyModel:
         return {**row, "hist_unmitigated_fidelity": u, "hist_best_fidelity": b, "hist_count": float(n)}
 
     def decide(self, rows: Sequence[Mapping[str, float]], ratios: Sequence[float],
-               warnings: Sequence[Sequence[str]] | None = None, out_of_range: Sequence[bool] | None = None
-               ) -> list[Decision]:
+               warnings: Sequence[Sequence[str]] | None = None, out_of_range: Sequence[bool] | None = None,
+               *, alternatives: bool = True) -> list[Decision]:
         """``rows`` carry POLICY_FEATURES except the budget; ``ratios`` = shot budget / shots;
-        ``out_of_range`` lowers the confidence of those rows (their ``warnings`` say why)."""
+        ``out_of_range`` lowers the confidence of those rows (their ``warnings`` say why). Without
+        ``alternatives`` each decision's list of the other methods is left empty: the rest of a
+        decision does not depend on it, and for a caller that does not read it (the scheduler,
+        unless it may co-select methods) sorting six dicts a row was a quarter of the call."""
         x = matrix(rows, POLICY_FEATURES[:-1])
         x = np.column_stack([x, [budget_feature(r) for r in ratios]])
         proba = self.ranker.proba(x)
@@ -309,11 +312,11 @@ class PolicyModel:
             if float(rows[i]["hist_count"]) == 0:
                 notes.append("no history for this calibration snapshot: the decision rests on the circuit and "
                              "device features alone")
-            alternatives: list[dict[str, Any]] = sorted(({
+            others: list[dict[str, Any]] = sorted(({
                 "method": m, "probability": p_i[k], "expected_fidelity": fid_i[k], "fidelity_std": std_i[k],
                 "shot_multiplier": mult_i[k], "within_budget": k in ok} for k, m in enumerate(self.methods) if k != j),
-                key=lambda a: (-a["probability"], -a["expected_fidelity"], a["method"]))
-            out.append(Decision(self.methods[j], mult_i[j], fid_i[j], conf, alternatives, notes))
+                key=lambda a: (-a["probability"], -a["expected_fidelity"], a["method"])) if alternatives else []
+            out.append(Decision(self.methods[j], mult_i[j], fid_i[j], conf, others, notes))
         return out
 
     def mitigate(self, rows: pd.DataFrame) -> Array:

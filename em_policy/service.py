@@ -257,13 +257,18 @@ class PolicyService:
         return [p if isinstance(p, QaiError) else Prediction.model_validate(p)
                 for p in self.predict_each_plain(requests, server_errors_each=server_errors_each)]
 
-    def predict_each_plain(self, requests: Sequence[PredictRequest], *, server_errors_each: bool = False
-                           ) -> list[dict[str, Any] | QaiError]:
+    def predict_each_plain(self, requests: Sequence[PredictRequest], *, server_errors_each: bool = False,
+                           alternatives: bool = True, features: bool = True) -> list[dict[str, Any] | QaiError]:
         """:meth:`predict_each` with each prediction as the plain dict :class:`Prediction` validates,
         for a caller in this process that reads it as a dict anyway: the scheduler, whose 34-50
         predictions per decision cost 0.5 ms of validation (a test holds that validating one
         changes nothing in it). Each prediction's ``params`` is its own dict; the values inside
-        (lists of scale factors) are shared between predictions: nothing mutates them."""
+        (lists of scale factors) are shared between predictions: nothing mutates them.
+
+        Without ``alternatives`` or ``features`` a prediction lacks that key (so it is no longer
+        a whole :class:`Prediction`) and everything else in it is the same: the scheduler reads
+        neither (the alternatives only when it may co-select methods), and building them was a
+        third of the call's Python."""
         version, model = self.model()
         rows: list[dict[str, float]] = []
         ratios: list[float] = []
@@ -291,7 +296,7 @@ class PolicyService:
             notes.append(warnings)
             outside.append(out_of_range)
             contexts.append((i, *context))
-        decisions = model.decide(rows, ratios, notes, outside) if rows else []
+        decisions = model.decide(rows, ratios, notes, outside, alternatives=alternatives) if rows else []
         params: dict[str, dict[str, Any]] = {}
 
         def params_of(method: str) -> dict[str, Any]:  # one parse per method, not per backend
@@ -299,18 +304,23 @@ class PolicyService:
                 params[method] = method_params(method, model, version)
             return dict(params[method])
         chosen: Counter[str] = Counter()
-        for d, (i, req, snap, features, sps) in zip(decisions, contexts, strict=True):
+        for d, (i, req, snap, on_features, sps) in zip(decisions, contexts, strict=True):
             chosen[d.method] += 1
             shots = math.ceil(req.shots * d.shot_multiplier)
             # every value already of its field's type (floats from tolist, the shots an int), so
             # that Prediction's validation has nothing to convert
-            results[i] = {
+            result: dict[str, Any] = {
                 "method": d.method, "params": params_of(d.method), "shot_multiplier": d.shot_multiplier,
                 "expected_fidelity": d.expected_fidelity, "confidence": d.confidence, "model_version": version,
                 "calibration_snapshot_id": snap.id, "estimated_shots": shots, "estimated_seconds": shots * sps,
-                "alternatives": [{**a, "params": params_of(a["method"]),
-                                  "estimated_seconds": math.ceil(req.shots * a["shot_multiplier"]) * sps}
-                                 for a in d.alternatives], "warnings": d.warnings, "features": features}
+                "warnings": d.warnings}
+            if alternatives:
+                result["alternatives"] = [{**a, "params": params_of(a["method"]),
+                                           "estimated_seconds": math.ceil(req.shots * a["shot_multiplier"]) * sps}
+                                          for a in d.alternatives]
+            if features:
+                result["features"] = dict(on_features)
+            results[i] = result
         for method, count in chosen.items():
             metrics.POLICY_PREDICTIONS.labels(method).inc(count)
         metrics.observe_many(metrics.POLICY_SHOT_MULTIPLIER, [d.shot_multiplier for d in decisions])
@@ -337,8 +347,8 @@ class PolicyService:
                 warnings.append(f"even the unmitigated run (about {req.shots * on.seconds_per_shot:.3g} s) exceeds "
                                 "the latency budget")
             ratio = max(1.0, min(ratio, cap))
-        features = dict(on.features)
-        return dict(on.row), ratio, warnings, out_of_range, (req, snap, features, on.seconds_per_shot)
+        # the remembered row and features, read only (a prediction that carries the features gets its own copy)
+        return on.row, ratio, warnings, out_of_range, (req, snap, on.features, on.seconds_per_shot)
 
     def _circuit_on(self, req: PredictRequest, snap: CalibrationSnapshot, version: str,
                     model: PolicyModel) -> _OnSnapshot:

@@ -426,7 +426,9 @@ class Scheduler:
         """Fill each record's ``prediction`` (or ``prediction_error``) from ``service``; with
         ``options`` (a profile with ``em_coselect``), every method within the budget too."""
         requests = [_request(qasm, job, r["calibration_snapshot_id"]) for r in records]
-        predictions = service.predict_each_plain(requests)  # server-side errors (no model) raise
+        # server-side errors (no model) raise; a record keeps neither the features nor (unless it
+        # lists options) the alternatives, so the policy does not build them
+        predictions = service.predict_each_plain(requests, alternatives=options, features=False)
         for r, p in zip(records, predictions, strict=True):
             if isinstance(p, QaiError):
                 r["prediction_error"] = {"code": p.code, "message": p.message}

@@ -478,6 +478,21 @@ def test_a_circuit_on_a_snapshot_is_worked_out_once_per_model(trained: Services,
     shared = [p["params"] for p in plain if not isinstance(p, QaiError)]
     assert len({id(x) for x in shared}) == len(shared)  # each prediction's params its own dict
 
+    # without the alternatives or the features, a prediction lacks those keys and nothing else moves
+    for alternatives, features in ((False, False), (True, False), (False, True)):
+        lean = service.predict_each_plain(reqs, alternatives=alternatives, features=features)
+        dropped = {k for k, kept in (("alternatives", alternatives), ("features", features)) if not kept}
+        for p, whole in zip(lean, plain, strict=True):
+            if isinstance(p, QaiError):
+                assert isinstance(whole, QaiError) and (p.code, p.details) == (whole.code, whole.details)
+                continue
+            assert not isinstance(whole, QaiError)
+            _same_typed(p, {k: v for k, v in whole.items() if k not in dropped})
+    # and the features a prediction carries are its own copy, not the remembered ones
+    again = service.predict_each_plain(reqs)
+    answered = [(a, b) for a, b in zip(again, plain, strict=True) if not isinstance(a, QaiError)]
+    assert answered and all(a["features"] is not b["features"] for a, b in answered)
+
 
 def _same_typed(a: Any, b: Any) -> None:
     """Equal, and of the same type all the way down (5 == 5.0, but one is not the other); the
