@@ -278,7 +278,7 @@ class PolicyModel:
         ``out_of_range`` lowers the confidence of those rows (their ``warnings`` say why). Without
         ``alternatives`` each decision's list of the other methods is left empty: the rest of a
         decision does not depend on it, and for a caller that does not read it (the scheduler,
-        unless it may co-select methods) sorting six dicts a row was a quarter of the call."""
+        unless it may co-select methods) sorting the other methods' dicts is work for nothing."""
         x = matrix(rows, POLICY_FEATURES[:-1])
         x = np.column_stack([x, [budget_feature(r) for r in ratios]])
         proba = self.ranker.proba(x)

@@ -488,7 +488,7 @@ def test_a_circuit_on_a_snapshot_is_worked_out_once_per_model(trained: Services,
                 continue
             assert not isinstance(whole, QaiError)
             _same_typed(p, {k: v for k, v in whole.items() if k not in dropped})
-    # and the features a prediction carries are its own copy, not the remembered ones
+    # and the features each call's predictions carry are copies of their own, not shared between calls
     again = service.predict_each_plain(reqs)
     answered = [(a, b) for a, b in zip(again, plain, strict=True) if not isinstance(a, QaiError)]
     assert answered and all(a["features"] is not b["features"] for a, b in answered)
