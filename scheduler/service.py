@@ -115,6 +115,18 @@ def _job_statement() -> Select[Any]:
             .outerjoin(tenants, tenants.c.name == MANIFESTS.c.tenant).where(MANIFESTS.c.job_id == bindparam("wanted")))
 
 
+@functools.cache
+def backlog_statement() -> Select[str | None, str, float | None]:
+    """Run seconds queued or running per (backend, priority class). What it reads of ``manifests``
+    is all in ``ix_manifests_status`` (migration 0011 says why that matters)."""
+    from orchestrator.jobs import ManifestRow
+
+    return (select(DecisionRow.chosen_backend, ManifestRow.priority_class, func.sum(DecisionRow.run_seconds))
+            .join(ManifestRow, ManifestRow.job_id == DecisionRow.job_id)
+            .where(ManifestRow.status.in_(("queued", "running")), DecisionRow.chosen_backend.is_not(None))
+            .group_by(DecisionRow.chosen_backend, ManifestRow.priority_class))
+
+
 @dataclass(frozen=True)
 class Decision:
     decision_id: str
@@ -379,14 +391,8 @@ class Scheduler:
 
     def backlog(self) -> dict[tuple[str, str], float]:
         """Expected run seconds of the jobs qai has queued or running, per backend and priority class."""
-        from orchestrator.jobs import ManifestRow
-
         with self.svc.db.engine.connect() as c:
-            rows = c.execute(
-                select(DecisionRow.chosen_backend, ManifestRow.priority_class, func.sum(DecisionRow.run_seconds))
-                .join(ManifestRow, ManifestRow.job_id == DecisionRow.job_id)
-                .where(ManifestRow.status.in_(("queued", "running")), DecisionRow.chosen_backend.is_not(None))
-                .group_by(DecisionRow.chosen_backend, ManifestRow.priority_class)).all()
+            rows = c.execute(backlog_statement()).all()
         return {(str(b), str(c)): float(sec or 0.0) for b, c, sec in rows}
 
     def gather(self, manifest: RunManifest, row: ManifestRow, plugins: Sequence[Plugin],
